@@ -1,0 +1,33 @@
+"""Shared fixtures. Real development data is read from ../shared/data and never copied in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ARTIFACTQC_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def shared_data_or_skip() -> Path:
+    """The development data folder, or skip the test with a message saying where it was looked for."""
+    if not (SHARED_DATA / "MANIFEST.tsv").is_file():
+        pytest.skip(
+            f"real development data not found at {SHARED_DATA} "
+            "(set ARTIFACTQC_SHARED_DATA or place shared/data beside the checkout)"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_data_or_skip()
+
+
+@pytest.fixture(scope="session")
+def fixture_paths(shared_data) -> list[Path]:
+    """The fast subset listed in FIXTURES.txt."""
+    lines = (shared_data / "FIXTURES.txt").read_text().split()
+    return [shared_data / line for line in lines if line.strip()]
