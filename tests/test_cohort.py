@@ -150,10 +150,9 @@ def test_sheet_errors_name_file_and_allowed_values(tmp_path):
         cohort.read_sheet(p)
 
 
-def test_invalid_ids_become_failures(tmp_path):
     p = _sheet(tmp_path, [dict(volume_id="bad id!", site="x", subject="1", contrast="T1w", path="a.nii")])
-    valid, fails = cohort.split_valid(cohort.read_sheet(p))
-    assert valid.empty and list(fails["error_type"]) == ["invalid_id"]
+    with pytest.raises(cohort.CohortError, match=r"volume_id.*\(2, 'bad id!'\)"):
+        cohort.read_sheet(p)
 
 
 def _bids_tree(root, n_sub=3, sessions=("1", "2")):

@@ -16,8 +16,71 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # --- subcommands: each block adds one parser and sets func=_cmd_<name> ---
+    p = sub.add_parser(
+        "ingest",
+        help="validate and checksum a cohort (TSV sheet or BIDS root) into volumes.parquet and failures.parquet",
+    )
+    p.add_argument("source", help="cohort TSV sheet, or a BIDS root folder")
+    p.add_argument("--out", required=True, help="output folder for volumes.parquet and failures.parquet")
+    p.add_argument("--max-mem-mb", type=float, default=4096.0, help="skip volumes needing more memory (default 4096)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--site-column", default="site", help="BIDS: participants.tsv column naming the site")
+    p.add_argument("--site-constant", default=None, help="BIDS: one site name for every volume")
+    p.set_defaults(func=_cmd_ingest)
+    p = sub.add_parser("fit-flow", help="fit the RealNVP density flow on reference latents (scores table)")
+    p.add_argument("--scores", required=True, help="scores table (.parquet or .tsv) with latent_<i> columns")
+    p.add_argument("--out", required=True, help="output directory for flow.safetensors + flow.json")
+    p.add_argument("--reference", default=None, help="reference manifest (volume_id column or one id per line)")
+    p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-transforms", type=int, default=6)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_fit_flow)
     # (add new subcommands above this line)
     return parser
+
+
+def _cmd_fit_flow(args) -> int:
+    from .density import fit_flow_from_files
+
+    out = fit_flow_from_files(
+        args.scores,
+        args.out,
+        reference=args.reference,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_transforms=args.n_transforms,
+        val_fraction=args.val_fraction,
+        device=args.device,
+    )
+    print(out)
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    from .cohort import CohortError, ingest
+
+    try:
+        volumes, failures = ingest(
+            args.source,
+            args.out,
+            max_mem_mb=args.max_mem_mb,
+            n_jobs=args.jobs,
+            site_column=args.site_column,
+            site_constant=args.site_constant,
+        )
+    except CohortError as exc:
+        print(f"artifactqc ingest: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(volumes)} volumes ingested, {len(failures)} failures rows -> {args.out}")
+    for kind, n in failures["error_type"].value_counts().items():
+        print(f"  {kind}: {n}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

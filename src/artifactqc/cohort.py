@@ -128,6 +128,13 @@ def normalise_cohort(df: pd.DataFrame, source: str = "cohort") -> pd.DataFrame:
             f"{source}: column 'contrast' has {int(bad.sum())} value(s) outside the allowed {list(CONTRASTS)}; "
             f"first (line, value): {rows}"
         )
+    bad = ~df["volume_id"].map(lambda s: bool(ID_PATTERN.match(s)))
+    if bad.any():
+        rows = [(int(i) + 2, v) for i, v in zip(np.flatnonzero(bad)[:5], df.loc[bad, "volume_id"][:5])]
+        raise CohortError(
+            f"{source}: column 'volume_id' must match [A-Za-z0-9_-]+ (ids name output files); "
+            f"{int(bad.sum())} bad value(s), first (line, value): {rows}"
+        )
     bad = ~df["site"].map(lambda s: bool(SITE_PATTERN.match(s)))
     if bad.any():
         rows = [(int(i) + 2, v) for i, v in zip(np.flatnonzero(bad)[:5], df.loc[bad, "site"][:5])]
@@ -224,16 +231,13 @@ def load_cohort(source: str | os.PathLike, site_column: str | None = "site", sit
 
 
 def split_valid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Separate rows that cannot be ingested at all (bad or duplicate ``volume_id``).
+    """Separate rows that cannot be ingested because their ``volume_id`` is already taken.
 
     Returns ``(valid, failures)``; for a duplicated id the first row is kept and every later
     one becomes a ``duplicate_id`` failure.
     """
     fails = []
-    bad_id = ~df["volume_id"].map(lambda s: bool(ID_PATTERN.match(s)))
-    for _, r in df[bad_id].iterrows():
-        fails.append((r.volume_id, r.path, "ingest", "invalid_id", f"volume_id {r.volume_id!r} must match [A-Za-z0-9_-]+"))
-    ok = df[~bad_id]
+    ok = df
     dup = ok["volume_id"].duplicated(keep="first")
     first_path = dict(zip(ok.loc[~dup, "volume_id"], ok.loc[~dup, "path"]))
     for _, r in ok[dup].iterrows():

@@ -1,0 +1,21 @@
+# artifactqc: label-free detection of artifact-laden MR volumes in multi-site cohorts.
+# This file only wires the stages together; every rule lives in workflow/rules/*.smk and all logic
+# lives in the artifactqc package (src/artifactqc). Configuration: config/config.yaml (documented).
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/ingest.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

@@ -1,0 +1,22 @@
+# The embedded demo cohort: a small multi-site cohort generated from data that installed packages
+# ship (nilearn's MNI152 T1 and tissue maps), with per-site differences and a few broken files.
+# Active only when config demo.enabled is true (config/demo.yaml).
+
+
+rule demo_cohort:
+    output:
+        directory(DEMO_ROOT),
+    params:
+        spec=config["demo"],
+    log:
+        "logs/demo_cohort.log",
+    benchmark:
+        "results/benchmarks/demo_cohort.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/demo_cohort.py"
