@@ -39,6 +39,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_fit_flow)
+    p = sub.add_parser("demo", help="build the embedded demo cohort (synthetic, from nilearn's MNI152 template)")
+    p.add_argument("action", choices=["build", "spec"], help="build: write the volumes + sheet.tsv; spec: print the default spec")
+    p.add_argument("--config", default=None, help="YAML config whose 'demo:' section is the spec (default: built-in)")
+    p.add_argument("--out", default=None, help="build: output folder (volumes under <out>/<site>/, <out>/sheet.tsv)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="processes (default 1)")
+    p.set_defaults(func=_cmd_demo)
     # (add new subcommands above this line)
     return parser
 
@@ -82,6 +88,19 @@ def _cmd_ingest(args) -> int:
         print(f"  {kind}: {n}")
     return 0
 
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    if args.action == "spec":
+        print(demo.spec_yaml(demo.load_spec(args.config)), end="")
+        return 0
+    if not args.out:
+        print("artifactqc demo build: --out is required", file=sys.stderr)
+        return 2
+    sheet = demo.build_demo_from_config(args.config, args.out, n_jobs=args.jobs)
+    print(f"{len(sheet)} demo volumes -> {args.out} (sheet: {args.out}/sheet.tsv)")
+    return 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
