@@ -45,8 +45,27 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="build: output folder (volumes under <out>/<site>/, <out>/sheet.tsv)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="processes (default 1)")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("simulate", help="corrupt a NIfTI with a simulated artifact of calibrated severity")
+    p.add_argument("--artifact", required=True, choices=["noise", "ghosting", "bias", "anisotropy", "motion", "mix"])
+    p.add_argument("--severity", type=float, required=True, help="severity in [0, 1] (0 = identity)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sidecar", default=None, help="JSON sidecar path (default: OUT with .json)")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.set_defaults(func=_cmd_simulate)
+
     # (add new subcommands above this line)
     return parser
+
+
+def _cmd_simulate(args) -> int:
+    from .simulate import simulate_file
+
+    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar)
+    logging.getLogger("artifactqc.simulate").info(
+        "wrote %s (%s, severity %.2f)", args.output, args.artifact, params["severity"]
+    )
+    return 0
 
 
 def _cmd_fit_flow(args) -> int:
