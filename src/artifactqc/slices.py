@@ -1,0 +1,186 @@
+"""Slice extraction shared by training and scoring: one code path from a file to model input.
+
+Every volume goes through exactly the same steps, whether it is a training volume (whose clean slices
+are cached once and then corrupted on the fly) or a volume being scored:
+
+1. :func:`artifactqc.io.load_volume` (guarded reading, float32) and :func:`artifactqc.io.to_canonical`
+   (closest RAS+ axis order; no resampling), so any orientation gives the same slices.
+2. Robust intensity scaling with the definition of :func:`artifactqc.io.normalize_intensity`
+   (foreground 0.5/99.5 percentiles -> 0/1, clipped to [0, 1.5]). The percentiles are computed on a
+   regular subsample of the volume (at most ~``max_stats_voxels`` voxels) because sorting a full 1 mm
+   volume costs as much as loading it; on real volumes the percentiles agree to well under 1 %.
+   Percentile scaling (not min-max, not uint8) makes ×1000 rescaling, int16 storage and any contrast
+   (T1w, T2w, FLAIR, PD, unknown) look alike to the network.
+3. The head extent is the robust (1st–99th percentile) bounding box of the foreground voxels in mm.
+   Along each of the three canonical axes, ``slices_per_axis`` planes are placed evenly over the middle
+   60 % of that extent (sagittal, coronal and axial slices).
+4. Each plane is sampled with trilinear interpolation (``torch.nn.functional.grid_sample``) on a fixed
+   physical grid: ``image_size`` × ``image_size`` pixels of ``pixel_mm`` mm, centred on the head.
+   No anti-aliasing filter is applied, so noise texture survives the resampling of ~1 mm voxels and
+   thick slices show as blur along the through-plane axis. Outside the field of view is 0.
+
+Default geometry: 128 × 128 pixels of 1.5 mm (a 192 mm field of view that holds an adult brain).
+128 px was chosen from the measured speeds in issue 5 (the published 224 px network infers ~20 slices/s
+on 2 CPU cores; 128 px with a downsampling encoder is >50× faster), and 1.5 mm keeps the blur of
+2–4× thick slices and the texture of noise visible (at 2 mm pixels the blur of 2 mm slices would vanish).
+
+The output is a float32 array ``[n_slices, image_size, image_size]`` plus a dict with the geometry used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from . import io
+
+#: Fraction of the head extent (centred) from which slices are taken along each axis.
+MIDDLE_FRACTION = 0.6
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """Geometry of the 2D model input; stored in ``model.json`` so scoring uses what training used."""
+
+    image_size: int = 128
+    pixel_mm: float = 1.5
+    slices_per_axis: int = 8
+    middle_fraction: float = MIDDLE_FRACTION
+    max_stats_voxels: int = 400_000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SliceConfig":
+        keys = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+
+def robust_range(data: np.ndarray, max_voxels: int = 400_000, p_low: float = 0.5, p_high: float = 99.5):
+    """``(lo, hi)`` of :func:`io.normalize_intensity` computed on a regular subsample of ``data``."""
+    step = max(1, int(np.ceil((data.size / max(1, max_voxels)) ** (1 / 3))))
+    sub = data[::step, ::step, ::step]
+    mask = io.foreground_mask(sub)
+    vals = sub[mask] if mask.any() else sub.ravel()
+    lo, hi = (float(v) for v in np.percentile(vals, [p_low, p_high]))
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi, step
+
+
+def normalize(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Apply the :func:`io.normalize_intensity` mapping for a given ``(lo, hi)``."""
+    out = (np.asarray(data, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.5, out=out)
+
+
+def head_box_mm(norm: np.ndarray, zooms: np.ndarray, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Robust bounding box (mm, voxel-centre coordinates of the canonical grid) of the head.
+
+    Foreground = normalised intensity above 0.1 (the threshold of :func:`io.foreground_mask` on the
+    percentile-scaled volume); the box spans the 1st–99th percentile of foreground coordinates.
+    """
+    sub = norm[::step, ::step, ::step]
+    idx = np.nonzero(sub > 0.1)
+    if idx[0].size < 10:
+        shape = np.asarray(norm.shape, dtype=np.float64)
+        return np.zeros(3), (shape - 1) * zooms
+    lo = np.empty(3)
+    hi = np.empty(3)
+    for a in range(3):
+        c = idx[a].astype(np.float64) * step
+        lo[a], hi[a] = np.percentile(c, [1, 99])
+    return lo * zooms, hi * zooms
+
+
+def _plane_positions(box_lo, box_hi, cfg: SliceConfig) -> list[np.ndarray]:
+    """Plane positions (mm) along each canonical axis over the middle fraction of the head extent."""
+    out = []
+    mf = cfg.middle_fraction
+    for axis in range(3):
+        ext = box_hi[axis] - box_lo[axis]
+        a0 = box_lo[axis] + ext * (1 - mf) / 2
+        a1 = box_hi[axis] - ext * (1 - mf) / 2
+        n = cfg.slices_per_axis
+        out.append(np.linspace(a0, a1, n) if n > 1 else np.array([(a0 + a1) / 2]))
+    return out
+
+
+def extract_from_array(
+    data: np.ndarray, affine: np.ndarray, cfg: SliceConfig | None = None
+) -> tuple[np.ndarray, dict]:
+    """Slices ``[N, S, S]`` (float32) from a 3D array and its affine (any orientation, any voxel size).
+
+    Sampling is separable: linear interpolation between the two voxel planes around each slice position,
+    then bilinear resampling of the plane onto the fixed in-plane grid (``grid_sample``, zeros outside).
+    The intensity mapping is applied to the sampled pixels (it is affine before the clip, so this equals
+    sampling the normalised volume except at the clip boundary), which avoids touching every voxel twice.
+    """
+    cfg = cfg or SliceConfig()
+    data = np.asarray(data)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
+    data, affine = io.to_canonical(np.asarray(data, dtype=np.float32), affine)
+    zooms = io.voxel_sizes(affine)
+    lo, hi, step = robust_range(data, cfg.max_stats_voxels)
+    sub = normalize(data[::step, ::step, ::step], lo, hi)
+    box_lo, box_hi = head_box_mm(sub, zooms * step, 1)
+    positions = _plane_positions(box_lo, box_hi, cfg)
+    centre = (box_lo + box_hi) / 2.0
+    size = cfg.image_size
+    offs = (np.arange(size) - (size - 1) / 2.0) * cfg.pixel_mm
+    vol = torch.from_numpy(data)
+    outs = []
+    planes = []
+    for axis in range(3):
+        u, v = [b for b in range(3) if b != axis]
+        nax = data.shape[axis]
+        idx = np.clip(positions[axis] / zooms[axis], 0, nax - 1)
+        i0 = np.minimum(np.floor(idx).astype(np.int64), max(nax - 2, 0))
+        w = torch.from_numpy((idx - i0).astype(np.float32))[:, None, None]
+        i1 = np.minimum(i0 + 1, nax - 1)
+        p0 = vol.index_select(axis, torch.from_numpy(i0)).movedim(axis, 0)
+        p1 = vol.index_select(axis, torch.from_numpy(i1)).movedim(axis, 0)
+        pl = (p0 * (1 - w) + p1 * w - lo)[:, None]  # [n,1,Du,Dv], shifted so padding = lo
+        # rows run along v (superior/anterior up), columns along u
+        cu = (centre[u] + offs) / zooms[u]
+        cv = (centre[v] - offs) / zooms[v]
+        gx = torch.from_numpy((2.0 * cv / max(data.shape[v] - 1, 1) - 1.0).astype(np.float32))  # along Dv
+        gy = torch.from_numpy((2.0 * cu / max(data.shape[u] - 1, 1) - 1.0).astype(np.float32))  # along Du
+        # output [row r, col c]: v from row, u from col -> x (Dv index) varies with r, y (Du) with c
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None], gy[None, :]), dim=-1)
+        with torch.no_grad():
+            outs.append(
+                torch.nn.functional.grid_sample(
+                    pl, grid[None].expand(pl.shape[0], size, size, 2), mode="bilinear",
+                    padding_mode="zeros", align_corners=True,
+                )[:, 0]
+            )
+        planes += [(axis, float(p)) for p in positions[axis]]
+    out = torch.cat(outs, 0)
+    out = (out * (1.0 / (hi - lo))).clamp_(0.0, 1.5)
+    info = {
+        "n_slices": int(out.shape[0]),
+        "planes": planes,
+        "intensity_lo": lo,
+        "intensity_hi": hi,
+        "head_box_mm": [box_lo.tolist(), box_hi.tolist()],
+        "voxel_mm": [float(z) for z in zooms],
+        "shape": [int(s) for s in data.shape],
+    }
+    return out.numpy().astype(np.float32, copy=False), info
+
+
+def extract_slices(path: str | os.PathLike, cfg: SliceConfig | None = None, max_mem_mb: float = 4096.0):
+    """Load a NIfTI file (guarded, :func:`io.load_volume`) and return ``(slices [N,S,S], info)``."""
+    vol = io.load_volume(path, max_mem_mb=max_mem_mb)
+    slices, info = extract_from_array(vol.data, vol.affine, cfg)
+    info["path"] = str(path)
+    info["dtype"] = vol.dtype
+    return slices, info
