@@ -54,9 +54,128 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("train", help="train the artifact encoder on clean volumes (simulated artifacts on the fly)")
+    p.add_argument("paths", nargs="*", help="training volumes (NIfTI)")
+    p.add_argument("--list", dest="list_file", default=None,
+                   help="text file with one path per line, or a .tsv/.csv/.parquet table with a 'path' column "
+                        "(rows whose 'status' is not 'ok' are skipped)")
+    p.add_argument("--out", required=True, help="model directory (encoder.safetensors + model.json)")
+    p.add_argument("--demo", action="store_true", help="small CPU config (<= 10 min on 2 cores)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--steps-per-epoch", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
+    p.add_argument("--model-id", default=None)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("score", help="score volumes with a trained encoder (one row per input, never stops)")
+    p.add_argument("paths", nargs="*", help="volumes to score")
+    p.add_argument("--list", dest="list_file", default=None,
+                   help="text file with one path per line, or a .tsv/.csv/.parquet table with a 'path' column")
+    p.add_argument("--model", required=True, help="model directory (encoder.safetensors + model.json)")
+    p.add_argument("--out", required=True, help="output table (.parquet; .tsv/.csv by suffix)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_score)
+
     # (add new subcommands above this line)
     return parser
 
+
+def _cmd_train(args) -> int:
+    from .model import train_from_cli
+
+    keys = ("epochs", "steps_per_epoch", "batch_size", "lr", "val_fraction", "patience", "image_size",
+            "max_minutes", "threads")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    metrics = train_from_cli(args.paths, args.list_file, args.out, demo=args.demo, seed=args.seed,
+                             device=args.device, model_id=args.model_id, **overrides)
+    print(f"model -> {args.out} (best epoch {metrics['best_epoch']}, val loss {metrics['best_val_loss']:.4f})")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from .score import score_from_cli
+
+    if not args.paths and not args.list_file:
+        print("artifactqc score: give PATHS or --list FILE", file=sys.stderr)
+        return 2
+    df = score_from_cli(args.model, args.paths, args.list_file, args.out, batch_size=args.batch_size,
+                        device=args.device, threads=args.threads)
+    n_bad = int((df["status"] != "ok").sum())
+    print(f"{len(df)} volumes scored ({n_bad} failed) -> {args.out}")
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from .simulate import simulate_file
+
+    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar)
+    logging.getLogger("artifactqc.simulate").info(
+        "wrote %s (%s, severity %.2f)", args.output, args.artifact, params["severity"]
+    )
+    return 0
+
+
+def _cmd_fit_flow(args) -> int:
+    from .density import fit_flow_from_files
+
+    out = fit_flow_from_files(
+        args.scores,
+        args.out,
+        reference=args.reference,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_transforms=args.n_transforms,
+        val_fraction=args.val_fraction,
+        device=args.device,
+    )
+    print(out)
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    from .cohort import CohortError, ingest
+
+    try:
+        volumes, failures = ingest(
+            args.source,
+            args.out,
+            max_mem_mb=args.max_mem_mb,
+            n_jobs=args.jobs,
+            site_column=args.site_column,
+            site_constant=args.site_constant,
+        )
+    except CohortError as exc:
+        print(f"artifactqc ingest: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(volumes)} volumes ingested, {len(failures)} failures rows -> {args.out}")
+    for kind, n in failures["error_type"].value_counts().items():
+        print(f"  {kind}: {n}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    if args.action == "spec":
+        print(demo.spec_yaml(demo.load_spec(args.config)), end="")
+        return 0
+    if not args.out:
+        print("artifactqc demo build: --out is required", file=sys.stderr)
+        return 2
+    sheet = demo.build_demo_from_config(args.config, args.out, n_jobs=args.jobs)
+    print(f"{len(sheet)} demo volumes -> {args.out} (sheet: {args.out}/sheet.tsv)")
+    return 0
 
 def _cmd_simulate(args) -> int:
     from .simulate import simulate_file
