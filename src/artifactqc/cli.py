@@ -54,6 +54,32 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT")
     p.set_defaults(func=_cmd_simulate)
 
+    p = sub.add_parser("n4", help="N4 bias-field correction of one NIfTI volume (header/affine kept)")
+    p.add_argument("input", help="input NIfTI")
+    p.add_argument("output", help="corrected NIfTI (float32)")
+    p.add_argument("--bias", default=None, help="also write the estimated bias field here")
+    p.add_argument("--shrink-factor", type=int, default=4)
+    p.add_argument("--iters", default="50,50,50,50", help="iterations per level, comma-separated")
+    p.add_argument("--tol", type=float, default=1e-7)
+    p.add_argument("--spline-distance", type=float, default=200.0, help="B-spline control-point spacing (mm)")
+    p.add_argument("--mask-method", default="foreground", choices=["foreground", "otsu", "none"])
+    p.set_defaults(func=_cmd_n4)
+    p = sub.add_parser("superres", help="self-supervised super-resolution of a thick-slice volume")
+    p.add_argument("input", help="input NIfTI")
+    p.add_argument("output", help="output NIfTI on an isotropic grid (a copy if the input is not anisotropic)")
+    p.add_argument("--ratio", type=float, default=1.5, help="super-resolve when max/min spacing exceeds this")
+    p.add_argument("--model", default=None, help="save the per-volume network here (.safetensors)")
+    p.add_argument("--iterations", type=int, default=600)
+    p.add_argument("--patch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--profile", default="gaussian", choices=["gaussian", "rect"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_superres)
     p = sub.add_parser("train", help="train the artifact encoder on clean volumes (simulated artifacts on the fly)")
     p.add_argument("paths", nargs="*", help="training volumes (NIfTI)")
     p.add_argument("--list", dest="list_file", default=None,
@@ -177,68 +203,45 @@ def _cmd_demo(args) -> int:
     print(f"{len(sheet)} demo volumes -> {args.out} (sheet: {args.out}/sheet.tsv)")
     return 0
 
-def _cmd_simulate(args) -> int:
-    from .simulate import simulate_file
+def _cmd_n4(args) -> int:
+    from .preprocess import n4_file
 
-    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar)
-    logging.getLogger("artifactqc.simulate").info(
-        "wrote %s (%s, severity %.2f)", args.output, args.artifact, params["severity"]
-    )
-    return 0
-
-
-def _cmd_fit_flow(args) -> int:
-    from .density import fit_flow_from_files
-
-    out = fit_flow_from_files(
-        args.scores,
-        args.out,
-        reference=args.reference,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        n_transforms=args.n_transforms,
-        val_fraction=args.val_fraction,
-        device=args.device,
+    out = n4_file(
+        args.input,
+        args.output,
+        bias_path=args.bias,
+        shrink_factor=args.shrink_factor,
+        iters=tuple(int(v) for v in args.iters.split(",")),
+        tol=args.tol,
+        spline_distance_mm=args.spline_distance,
+        mask_method=args.mask_method,
     )
     print(out)
     return 0
 
 
-def _cmd_ingest(args) -> int:
-    from .cohort import CohortError, ingest
+def _cmd_superres(args) -> int:
+    from .preprocess import superres_file
 
-    try:
-        volumes, failures = ingest(
-            args.source,
-            args.out,
-            max_mem_mb=args.max_mem_mb,
-            n_jobs=args.jobs,
-            site_column=args.site_column,
-            site_constant=args.site_constant,
-        )
-    except CohortError as exc:
-        print(f"artifactqc ingest: {exc}", file=sys.stderr)
-        return 2
-    print(f"{len(volumes)} volumes ingested, {len(failures)} failures rows -> {args.out}")
-    for kind, n in failures["error_type"].value_counts().items():
-        print(f"  {kind}: {n}")
+    out = superres_file(
+        args.input,
+        args.output,
+        ratio=args.ratio,
+        model_path=args.model,
+        iterations=args.iterations,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        channels=args.channels,
+        n_layers=args.n_layers,
+        lr=args.lr,
+        profile=args.profile,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+    )
+    print(out)
     return 0
 
-
-def _cmd_demo(args) -> int:
-    from . import demo
-
-    if args.action == "spec":
-        print(demo.spec_yaml(demo.load_spec(args.config)), end="")
-        return 0
-    if not args.out:
-        print("artifactqc demo build: --out is required", file=sys.stderr)
-        return 2
-    sheet = demo.build_demo_from_config(args.config, args.out, n_jobs=args.jobs)
-    print(f"{len(sheet)} demo volumes -> {args.out} (sheet: {args.out}/sheet.tsv)")
-    return 0
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
