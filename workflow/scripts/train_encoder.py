@@ -1,0 +1,19 @@
+"""Train the artifact encoder on the training manifest (or the ok rows of the ingested volumes)."""
+
+from artifactqc import runlog
+from artifactqc.model import train_from_cli
+
+log = runlog.to_file(snakemake.log[0])
+metrics = train_from_cli(
+    [],
+    snakemake.input.manifest,
+    snakemake.params.out_dir,
+    demo=snakemake.params.demo,
+    seed=snakemake.params.seed,
+    device=snakemake.params.device,
+    model_id=snakemake.wildcards.model_id,
+    threads=snakemake.threads,
+    **snakemake.params.overrides,
+)
+log.info("trained %s: best epoch %s, val loss %.4f", snakemake.wildcards.model_id, metrics["best_epoch"],
+         metrics["best_val_loss"])
