@@ -234,3 +234,49 @@ def test_real_thick_slice_scan_is_flagged_for_superres(shared_data):
     assert P.needs_superres(img.header.get_zooms()[:3])
     iso = aq_io.inspect_header(shared_data / "volumes/VolumeRenderingData/stroke_T1.nii.gz")
     assert not P.needs_superres(iso.header.get_zooms()[:3])
+
+
+# ----------------------------------------------------------------------------- training selection
+
+
+def _volumes_table():
+    import pandas as pd
+
+    rows = [
+        ("A-1", "siteA", "T1w", "ok", "", "[1.0, 1.0, 1.0]"),
+        ("A-2", "siteA", "T1w", "ok", "A-1", "[1.0, 1.0, 1.0]"),  # duplicate of A-1
+        ("B-1", "siteB", "T2w", "ok", "", "[1.2, 1.2, 1.2]"),
+        ("D-1", "siteD", "T1w", "ok", "", "[1.0, 1.0, 5.0]"),
+        ("D-2", "siteD", "T1w", "failed", "", "[1.0, 1.0, 5.0]"),
+        ("E-1", "siteE", "FLAIR", "ok", "", "[0.9, 0.9, 1.2]"),
+    ]
+    return pd.DataFrame(
+        [dict(volume_id=v, site=s, subject=v[-1], contrast=c, status=st, duplicate_of=d, voxel_mm=z,
+              path=f"/data/{v}.nii.gz") for v, s, c, st, d, z in rows]
+    )
+
+
+def test_select_training_filters(tmp_path):
+    vols = _volumes_table()
+    allsel = P.select_training(vols)
+    assert list(allsel["volume_id"]) == ["A-1", "B-1", "D-1", "E-1"]  # no failed, no duplicate
+    assert dict(zip(allsel["volume_id"], allsel["needs_superres"])) == {
+        "A-1": False, "B-1": False, "D-1": True, "E-1": False}
+    assert list(P.select_training(vols, include_sites=["siteA", "siteD"])["volume_id"]) == ["A-1", "D-1"]
+    assert list(P.select_training(vols, exclude_contrasts=["T1w"])["volume_id"]) == ["B-1", "E-1"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# chosen by hand\nB-1\nE-1\n")
+    assert list(P.select_training(vols, include_list=str(ids), exclude_sites=["siteE"])["volume_id"]) == ["B-1"]
+    assert list(P.select_training(vols, exclude_list=["A-1", "D-1"])["volume_id"]) == ["B-1", "E-1"]
+    src = tmp_path / "volumes.parquet"
+    vols.to_parquet(src)
+    with pytest.raises(ValueError, match="empty"):
+        P.select_training_file(src, tmp_path / "sel.tsv", include_sites=["nowhere"])
+    assert P.select_training_file(src, tmp_path / "sel.tsv", include_contrasts=["T1w"]) == 2
+    n = P.training_manifest(tmp_path / "sel.tsv", {"A-1": "pre/A-1.nii.gz", "D-1": "pre/D-1.nii.gz"},
+                            tmp_path / "manifest.tsv")
+    import pandas as pd
+
+    man = pd.read_csv(tmp_path / "manifest.tsv", sep="\t")
+    assert n == 2 and list(man["status"]) == ["ok", "ok"]
+    assert man["path"].iloc[1].endswith("pre/D-1.nii.gz") and man["raw_path"].iloc[1] == "/data/D-1.nii.gz"
