@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib
 
