@@ -13,6 +13,20 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/score.smk"
+
+
+onstart:
+    write_run_record("running")
+
+
+onsuccess:
+    write_run_record("finished")
+
+
+onerror:
+    write_run_record("failed")
 
 
 rule all:

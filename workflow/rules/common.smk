@@ -2,6 +2,8 @@
 # Reading the cohort (a TSV sheet, a BIDS listing or the demo's sheet) is the only thing done at
 # parse time; it takes seconds even for 100,000 volumes (benchmarks/bids_discovery).
 
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from artifactqc import cohort as aq_cohort
+from artifactqc import provenance as aq_prov
 
 
 validate(config, schema="../schemas/config.schema.yaml")
@@ -76,7 +79,75 @@ def shard_files(pattern):
     return expand(pattern, zip, site=SHARD_SITES, part=SHARD_PARTS)
 
 
+# --- models, flows and scoring -------------------------------------------------------------
+
+
+def model_files():
+    """The encoder used for scoring: a pretrained folder from config, or the one the workflow trains."""
+    pre = config["model"]["pretrained"]
+    if pre:
+        return [os.path.join(pre, "encoder.safetensors"), os.path.join(pre, "model.json")]
+    try:
+        train = rules.train_encoder
+    except WorkflowError:  # the training stage is not part of this workflow (yet)
+        return []
+    return expand(train.output, model_id=config["model"]["id"])
+
+
+def scoring_enabled():
+    """Scoring enters the DAG once there is an encoder to score with."""
+    return bool(model_files())
+
+
+def flow_files():
+    return expand(rules.fit_flow.output, flow_id=config["flow"]["id"])
+
+
+def reference_score_shards(wildcards):
+    """Scored shards holding the flow's reference volumes.
+
+    Before the reference manifest exists (first run) that is every shard; afterwards only the
+    shards of the frozen reference, marked ancient: a new site never refits the flow.
+    """
+    keys = list(SHARDS)
+    ref = Path(expand(rules.reference_manifest.output[0], flow_id=wildcards.flow_id)[0])
+    if ref.exists():
+        ids = set(pd.read_csv(ref, sep="\t", usecols=["volume_id"], dtype=str)["volume_id"])
+        keys = [k for k, rows in SHARDS.items() if rows["volume_id"].isin(ids).any()]
+    paths = expand(rules.score_shard.output.rows, zip, site=[k[0] for k in keys], part=[k[1] for k in keys])
+    return [ancient(p) for p in paths]
+
+
+def scoring_config_sha256():
+    """Hash of the config sections that shape the scores (recorded in every score row)."""
+    return aq_prov.config_sha256({k: config[k] for k in ("model", "score", "flow", "flags")})
+
+
+# --- run provenance ----------------------------------------------------------------------------
+
+RUN_STARTED = datetime.now(timezone.utc)
+RUN_RECORD = Path("results/provenance") / (RUN_STARTED.strftime("%Y%m%dT%H%M%S") + ".json")
+
+
+def write_run_record(status):
+    """results/provenance/<run>.json: resolved config, versions, host, start/end time, status."""
+    aq_prov.write_json(
+        aq_prov.run_manifest(
+            config,
+            snakemake_version=snakemake.__version__,
+            started_at=RUN_STARTED.isoformat(timespec="seconds"),
+            status=status,
+            cohort_volumes=len(COHORT),
+            shards=len(SHARDS),
+        ),
+        RUN_RECORD,
+    )
+
+
 def final_targets():
     if COHORT.empty:
         return []
-    return [rules.ingest.output.volumes, rules.ingest.output.failures]
+    targets = [rules.ingest.output.volumes, rules.ingest.output.failures]
+    if scoring_enabled():
+        targets += [rules.cohort_scores.output.parquet, rules.cohort_scores.output.tsv]
+    return targets

@@ -1,0 +1,109 @@
+# Scoring: one job per site shard (≤ cohort.shard_size volumes, the encoder loaded once per job),
+# the density flow fit on a frozen reference manifest, flags, and the cohort tables.
+# A new site runs only its own shards and the cohort gather: the encoder and the flow are tied to
+# their manifests and are refit only under a new model.id / flow.id.
+
+
+rule score_shard:
+    input:
+        volumes=rules.ingest_shard.output.volumes,
+        failures=rules.ingest_shard.output.failures,
+        model=model_files(),
+    output:
+        rows="results/scores/raw/site={site}/part-{part}.parquet",
+        failures="results/scores/raw/site={site}/failures-{part}.parquet",
+    params:
+        batch_size=config["score"]["batch_size"],
+        device=config["score"]["device"],
+    log:
+        "logs/score/site={site}/part-{part}.log",
+    benchmark:
+        "results/benchmarks/score/site={site}/part-{part}.tsv"
+    threads: config["score"]["threads"]
+    resources:
+        mem_mb=config["score"]["mem_mb"],
+        runtime=config["score"]["runtime"],
+        gpu=config["score"]["gpu"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/score_shard.py"
+
+
+rule reference_manifest:
+    input:
+        ancient(rules.ingest.output.volumes),
+    output:
+        "results/flows/{flow_id}/reference.tsv",
+    params:
+        explicit=config["flow"]["reference"],
+    log:
+        "logs/flows/{flow_id}/reference.log",
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/reference_manifest.py"
+
+
+rule fit_flow:
+    input:
+        reference=ancient("results/flows/{flow_id}/reference.tsv"),
+        scores=reference_score_shards,
+    output:
+        weights="results/flows/{flow_id}/flow.safetensors",
+        meta="results/flows/{flow_id}/flow.json",
+    params:
+        fit=config["flow"]["fit"],
+    log:
+        "logs/flows/{flow_id}/fit.log",
+    benchmark:
+        "results/benchmarks/flows/{flow_id}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/fit_flow.py"
+
+
+rule density_shard:
+    input:
+        rows=rules.score_shard.output.rows,
+        flow=flow_files(),
+    output:
+        "results/scores/site={site}/part-{part}.parquet",
+    params:
+        taus=config["flags"]["taus"],
+        rule=config["flags"]["rule"],
+        score_threshold=config["flags"]["score_threshold"],
+        config_sha256=scoring_config_sha256(),
+    log:
+        "logs/density/site={site}/part-{part}.log",
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/density_shard.py"
+
+
+rule cohort_scores:
+    input:
+        parts=shard_files(rules.density_shard.output[0]),
+        failures=shard_files(rules.score_shard.output.failures),
+    output:
+        parquet="results/scores/cohort.parquet",
+        tsv="results/scores/cohort.tsv",
+        failures="results/scores/failures.parquet",
+    params:
+        per_site=config["flow"]["per_site"],
+        min_site_reference=config["flow"]["min_site_reference"],
+    log:
+        "logs/score/cohort.log",
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/cohort_scores.py"
