@@ -1,0 +1,381 @@
+"""The workflow on a real one-node SLURM cluster started by the test (slurmctld + slurmd + munged).
+
+Debian's slurm (22.05) and munge are installed with apt when missing (root only; the test is skipped
+with the reason when that is impossible). The cluster has no cgroups and no accounting database, a
+CPU partition and a GPU partition whose node carries one fake GPU (a character device, as SLURM only
+stats it). The workflow runs with a profile derived from profiles/slurm: the site lines (partitions,
+account) are overridden, the status command is squeue (there is no sacct). What is checked:
+
+* every job of the ingest stage went through sbatch (one submission per job, read from the plugin's
+  --verbose "sbatch call:" lines) with the CPU partition, memory and wall time from the rules, and
+  finished: slurmctld logged exit status 0 for each SLURM job id and the cohort table is complete;
+* a new site's rerun submits only that site's shard and the gather;
+* the shipped profile's GPU rules (set-resources) turn into `sbatch -p gpu --gpus=<model>:1` that
+  this cluster accepts and runs on the node with the fake GPU, and into no GPU options when the
+  derived profile maps them to the CPU partition.
+
+The daemons are stopped by PID in a finalizer; every subprocess has a timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+GPU_RULES = ("train_encoder", "superres", "score_shard")
+APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+RUN_TIMEOUT = 420  # seconds for one snakemake run on the cluster
+
+pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_ingest_workflow import make_volume, write_sheet  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Installing and starting the cluster
+# --------------------------------------------------------------------------------------------
+
+
+def _run(cmd, timeout, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def ensure_slurm_installed() -> None:
+    """Install slurm and munge with apt if a binary is missing; skip the test when that fails."""
+    needed = ("slurmctld", "slurmd", "sbatch", "squeue", "munged")
+    if all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in needed):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and cannot be: apt-get needs root (install " + " ".join(APT_PACKAGES) + ")")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        up = _run(["apt-get", "update"], timeout=300, env=env)
+        inst = _run(["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES], timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.skip("installing SLURM with apt-get timed out")
+    if inst.returncode != 0:
+        pytest.skip(f"apt-get could not install SLURM (update exit {up.returncode}): {inst.stderr.strip()[-500:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_memory_mb() -> int:
+    """Memory SLURM may give jobs: the node's RealMemory from `slurmd -C`, less a margin."""
+    out = _run(["slurmd", "-C"], timeout=30).stdout
+    m = re.search(r"RealMemory=(\d+)", out)
+    return max(1000, int(int(m.group(1)) * 0.9)) if m else 2000
+
+
+class Cluster:
+    """A one-node SLURM cluster in a temporary folder; `env` points the SLURM commands at it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.cpus = os.cpu_count() or 1
+        self.mem_mb = node_memory_mb()
+        self.gpu_model = "fakegpu"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        for k in [k for k in self.env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+            del self.env[k]  # never inherit an outer job's context
+
+    def write_config(self) -> None:
+        r = self.root
+        for d in ("state", "spool", "munge"):
+            (r / d).mkdir(mode=0o700, exist_ok=True)
+        dev = r / "fakegpu0"
+        subprocess.run(["mknod", str(dev), "c", "195", "0"], check=True, timeout=10)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        self.munge_socket = r / "munge" / "munge.socket"
+        # snakemake-executor-plugin-slurm-jobstep drops SLURM_CONF from the environment of the srun it
+        # runs inside each job, so srun would look for /etc/slurm/slurm.conf: a wrapper puts it back.
+        # (A real cluster keeps its slurm.conf where the tools look by default.)
+        bindir = r / "bin"
+        bindir.mkdir(exist_ok=True)
+        srun = bindir / "srun"
+        srun.write_text(f'#!/bin/sh\nSLURM_CONF={shlex.quote(str(self.conf))} exec {shutil.which("srun")} "$@"\n')
+        srun.chmod(0o755)
+        self.env["PATH"] = f"{bindir}{os.pathsep}{self.env.get('PATH', '')}"
+        self.conf.write_text(
+            f"""ClusterName=aqtest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmUser=root
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+AuthInfo=socket={self.munge_socket}
+CryptoType=crypto/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/slurmctld.log
+SlurmdLogFile={r}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/builtin
+MpiDefault=none
+ReturnToService=2
+MinJobAge=600
+GresTypes=gpu
+NodeName=aqnode NodeHostname={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} Gres=gpu:{self.gpu_model}:1 State=UNKNOWN
+PartitionName=cpu Nodes=aqnode Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=aqnode MaxTime=INFINITE State=UP
+"""
+        )
+        (r / "gres.conf").write_text(f"NodeName=aqnode Name=gpu Type={self.gpu_model} File={dev}\n")
+
+    def start(self) -> None:
+        self.write_config()
+        r = self.root
+        self._spawn(
+            "munged",
+            ["munged", "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={r}/munge/munge.key",
+             f"--log-file={r}/munged.log", f"--pid-file={r}/munge/munged.pid", f"--seed-file={r}/munge/seed"],
+        )
+        self._wait(lambda: self.munge_socket.exists(), "munged socket", 20)
+        self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
+        self._wait(lambda: _run(["scontrol", "ping"], 10, env=self.env).stdout.count("UP") > 0, "slurmctld", 60)
+        self._spawn("slurmd", ["slurmd", "-D", "-N", "aqnode", "-f", str(self.conf)])
+        self._wait(self._node_idle, "node aqnode idle", 90)
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / f"{name}.stdout", "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+
+    def _node_idle(self) -> bool:
+        out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], 10, env=self.env).stdout
+        return "aqnode idle" in out
+
+    def _wait(self, ok, what: str, seconds: float) -> None:
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({p.returncode}) while waiting for {what}:\n{self.logs()}")
+            try:
+                if ok():
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
+
+    def logs(self) -> str:
+        parts = []
+        for f in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.stdout")):
+            parts.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]))
+        return "\n".join(parts)
+
+    def completed_jobs(self) -> dict[str, int]:
+        """{slurm job id: exit status} from slurmctld's log ('_job_complete: JobId=N WEXITSTATUS s')."""
+        text = (self.root / "slurmctld.log").read_text(errors="replace")
+        return {m.group(1): int(m.group(2)) for m in re.finditer(r"_job_complete: JobId=(\d+) WEXITSTATUS (\d+)", text)}
+
+    def stop(self) -> None:
+        """Cancel leftover jobs, then stop slurmd, slurmctld and munged by their PIDs."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            try:
+                _run(["scancel", "-u", "root"], 15, env=self.env)
+            except subprocess.TimeoutExpired:
+                pass
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, request):
+    if sys.platform != "linux":
+        pytest.skip("the SLURM integration test needs Linux")
+    ensure_slurm_installed()
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd/munged in a test needs root")
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    request.addfinalizer(c.stop)
+    c.start()
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles and runs
+# --------------------------------------------------------------------------------------------
+
+
+def shipped_profile() -> dict:
+    return yaml.safe_load(PROFILE.read_text())
+
+
+def derived_profile(dest: Path, cluster: Cluster, gpu_partition: bool, logdir: Path) -> Path:
+    """profiles/slurm adapted to the test cluster, the way README tells a user to adapt it."""
+    prof = copy.deepcopy(shipped_profile())
+    prof["slurm-status-command"] = "squeue"  # no accounting database: sacct would never answer
+    prof["slurm-init-seconds-before-status-checks"] = 3
+    prof["slurm-keep-successful-logs"] = True
+    prof["slurm-logdir"] = str(logdir)
+    prof["latency-wait"] = 5
+    prof["retries"] = 0
+    prof["default-resources"].pop("slurm_account", None)
+    prof["default-resources"]["slurm_partition"] = "cpu"
+    prof["default-resources"]["mem_mb"] = "500 * attempt"
+    # the ingest rule asks for config ingest.mem_mb (8 GB); this small node may not have that
+    prof.setdefault("set-resources", {})["ingest_shard"] = {"mem_mb": 1000}
+    for rule in GPU_RULES:
+        res = prof["set-resources"][rule]
+        if gpu_partition:
+            res["gpu_model"] = cluster.gpu_model
+            res["mem_mb"] = 1000
+        else:  # GPU rules mapped to CPU
+            res.update(slurm_partition="cpu", gpu=0, mem_mb=1000)
+            res.pop("gpu_model", None)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
+    return dest
+
+
+def run_on_cluster(cluster: Cluster, workdir: Path, profile: Path, *args: str, snakefile: Path | None = None):
+    cmd = [str(SNAKEMAKE), "-s", str(snakefile or REPO / "Snakefile"), "--directory", str(workdir),
+           "--profile", str(profile), "--verbose", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate(timeout=30)
+        raise AssertionError(f"snakemake on SLURM did not finish in {RUN_TIMEOUT} s:\n{out[-5000:]}\n{cluster.logs()}")
+    if p.returncode != 0:
+        raise AssertionError(f"snakemake on SLURM failed ({p.returncode}):\n{out[-8000:]}\n{cluster.logs()}")
+    return out
+
+
+def sbatch_calls(out: str) -> list[dict]:
+    """The plugin's submissions: rule, wildcards, sbatch options (before --wrap) and SLURM job id."""
+    calls = []
+    for line in out.splitlines():
+        if "sbatch call: " not in line:
+            continue
+        cmd = line.split("sbatch call: ", 1)[1].split(" --wrap=", 1)[0]
+        argv = shlex.split(cmd)
+        comment = argv[argv.index("--comment") + 1]
+        rule, _, wildcards = comment.removeprefix("rule_").partition("_wildcards_")
+        calls.append(dict(rule=rule, wildcards=wildcards, argv=argv))
+    ids = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", out)
+    assert len(ids) == len(calls), f"{len(calls)} sbatch calls but {len(ids)} submissions:\n{out[-4000:]}"
+    return calls, ids
+
+
+def opt(argv: list[str], name: str) -> str | None:
+    """Value of an sbatch option given as '-p x', '--mem x' or '--gpus=x'."""
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def make_cohort(workdir: Path) -> list[dict]:
+    rows = []
+    for site in ("A", "B"):
+        for i in range(2):
+            p = make_volume(workdir / f"{site}{i}.nii.gz", seed=10 * ord(site) + i)
+            rows.append(dict(volume_id=f"{site}-{i}", site=site, subject=f"{site}{i}", contrast="T1w", path=str(p)))
+    write_sheet(workdir, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_shipped_profile_names_gpu_rules_with_standard_resources():
+    prof = shipped_profile()
+    assert prof["executor"] == "slurm"
+    assert prof["retries"] >= 1 and "attempt" in str(prof["default-resources"]["mem_mb"])
+    text = PROFILE.read_text()
+    assert "slurm_extra" not in re.sub(r"#.*", "", text) and "gres" not in re.sub(r"#.*", "", text)
+    for rule in GPU_RULES:
+        res = prof["set-resources"][rule]
+        assert res["gpu"] >= 1 and res["slurm_partition"] == "gpu", rule
+    # every setting line carries a comment (on it or right above it)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "#" in line or lines[i - 1].lstrip().startswith("#"), f"uncommented profile line: {line!r}"
+
+
+def test_ingest_through_sbatch_and_new_site_submits_only_its_jobs(cluster, tmp_path):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    rows = make_cohort(workdir)
+    profile = derived_profile(tmp_path / "profile", cluster, gpu_partition=False, logdir=tmp_path / "slurm_logs")
+    config = ["--configfile", str(REPO / "config" / "config.yaml"), "--config",
+              f"cohort={{sheet: {workdir / 'sheet.tsv'}}}"]
+
+    out = run_on_cluster(cluster, workdir, profile, *config)
+    calls, ids = sbatch_calls(out)
+    assert sorted((c["rule"], c["wildcards"]) for c in calls) == [("ingest", ""), ("ingest_shard", "A_0"),
+                                                                   ("ingest_shard", "B_0")]
+    for c in calls:
+        assert opt(c["argv"], "-p") == "cpu" and opt(c["argv"], "--gpus") is None
+        assert opt(c["argv"], "-t") is not None
+    shard = next(c for c in calls if c["rule"] == "ingest_shard")
+    assert opt(shard["argv"], "--mem") == "1000" and opt(shard["argv"], "--cpus-per-task") == "2"
+    done = cluster.completed_jobs()
+    assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
+    vols = pd.read_parquet(workdir / "results/cohort/volumes.parquet")
+    assert sorted(vols["volume_id"]) == sorted(r["volume_id"] for r in rows)
+    assert all(any((tmp_path / "slurm_logs" / "rule_ingest_shard" / s).glob("*.log")) for s in ("A_0", "B_0"))
+
+    # a new site: only its shard and the gather go to SLURM
+    p = make_volume(workdir / "C0.nii.gz", seed=99)
+    rows.append(dict(volume_id="C-0", site="C", subject="C0", contrast="T1w", path=str(p)))
+    write_sheet(workdir, rows)
+    out = run_on_cluster(cluster, workdir, profile, *config)
+    calls, ids = sbatch_calls(out)
+    assert sorted((c["rule"], c["wildcards"]) for c in calls) == [("ingest", ""), ("ingest_shard", "C_0")]
+    done = cluster.completed_jobs()
+    assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
+    assert "C-0" in set(pd.read_parquet(workdir / "results/cohort/volumes.parquet")["volume_id"])
