@@ -281,3 +281,11 @@ def test_real_volume_all_types(shared_data):
         hi, _ = S.simulate_volume(d, a, 1.0, seed=0, spacing=v.zooms)
         assert np.isfinite(hi).all()
         assert S.ssim_masked(d, lo) > S.ssim_masked(d, hi), a
+
+
+def test_bias_equals_torchio_biasfield_with_recorded_coefficients(vol):
+    import torchio as tio
+
+    out, p = S.simulate_volume(vol, "bias", 0.7, seed=11)
+    ref = tio.BiasField(coefficients=p["coefficients"], order=p["order"])(torch.from_numpy(vol)[None]).numpy()[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)

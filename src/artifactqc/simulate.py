@@ -66,7 +66,7 @@ PARAM_NAMES = {
 APPLY_ORDER = ("bias", "motion", "ghosting", "anisotropy", "noise")
 
 #: Target SSIM loss at severity 1: target_ssim(s) = 1 - TARGET_SSIM_DROP * s.
-TARGET_SSIM_DROP = 0.4
+TARGET_SSIM_DROP = 0.25
 SEVERITY_KNOTS = tuple(round(0.1 * i, 1) for i in range(11))
 
 # --- calibrated maps: severity knots -> physical parameter (written by benchmarks/simulate/run.py) ---------
@@ -88,7 +88,9 @@ CALIBRATION_2D = {
 CALIBRATION_SOURCE = "placeholder (uncalibrated)"
 # END CALIBRATION
 
-_GHOST_MAX_INTENSITY = 2.0  # cap of TorchIO's ghosting intensity (lines scaled by 1 - intensity)
+_GHOST_MAX_INTENSITY = 1.5  # cap of TorchIO's ghosting intensity (every n-th line scaled by 1 - intensity)
+_GHOST_MAX_N = 4  # number of ghosts drawn from 2.._GHOST_MAX_N
+_GHOST_RESTORE = None  # TorchIO restore: None = only the central k-space plane is kept
 _MOTION_MAX_DEG = 20.0  # safety caps on a single movement
 _MOTION_MAX_MM = 20.0
 
@@ -304,17 +306,17 @@ def _noise_3d(data, sigma, rng, spacing):
 def _ghosting_3d(data, amp, rng, spacing):
     import torchio as tio
 
-    n = int(rng.integers(2, 9))
+    n = int(rng.integers(2, _GHOST_MAX_N + 1))
     axis = int(rng.integers(0, 3))
     intensity = min(float(amp) * n / math.sqrt(n - 1), _GHOST_MAX_INTENSITY)
-    tr = tio.Ghosting(num_ghosts=n, axis=axis, intensity=intensity, restore=0.02)
+    tr = tio.Ghosting(num_ghosts=n, axis=axis, intensity=intensity, restore=_GHOST_RESTORE)
     out = tr(torch.from_numpy(np.ascontiguousarray(data))[None]).numpy()[0]
     params = {
         PARAM_NAMES["ghosting"]: float(amp),
         "num_ghosts": n,
         "axis": axis,
         "intensity": intensity,
-        "restore": 0.02,
+        "restore": _GHOST_RESTORE,
         "transform": "torchio.Ghosting",
     }
     return out.astype(np.float32), params
@@ -350,13 +352,14 @@ def _bias_3d(data, lstd, rng, spacing):
     scale = float(lstd) / max(s, 1e-8)
     coefs = coefs * scale
     coefs[0] -= m * scale  # zero mean of log-field in the mask: no global intensity change
-    tr = tio.BiasField(coefficients=coefs.tolist(), order=order)
-    out = tr(torch.from_numpy(np.ascontiguousarray(data))[None]).numpy()[0]
+    # identical to tio.BiasField(coefficients=coefs, order=order)(data) (tested), without re-evaluating
+    # the polynomial a second time
+    out = data * np.exp((logf - m) * scale).astype(np.float32)
     params = {
         PARAM_NAMES["bias"]: float(lstd),
         "order": order,
         "coefficients": [float(c) for c in coefs],
-        "transform": "torchio.BiasField",
+        "transform": "torchio.BiasField(coefficients, order) field (TorchIO polynomial basis)",
     }
     return out.astype(np.float32), params
 
@@ -400,12 +403,24 @@ def _motion_segments(times: np.ndarray, n_lines: int) -> tuple[np.ndarray, int]:
     return frac, centre
 
 
+def _motion_times(n_moves: int, u: np.ndarray) -> np.ndarray:
+    """Segment boundaries: a central reference band of 4-20 % of k-space (the position at the time the
+    k-space centre is acquired) and ``n_moves`` other positions filling the rest, as in a sequential
+    phase-encode ordering with the subject moving before and after the centre lines."""
+    w = 0.04 + 0.16 * u[0]
+    lo, hi = 0.5 - w * (0.3 + 0.4 * u[1]), 0.5 + w * (0.7 - 0.4 * u[1])
+    times = [lo, hi]
+    if n_moves == 3:  # one more boundary, in the lower or the upper outer part
+        times.append(0.05 + (lo - 0.05) * u[2] * 2 if u[2] < 0.5 else hi + (0.95 - hi) * (u[2] - 0.5) * 2)
+    return np.sort(np.asarray(times, dtype=np.float64))
+
+
 def _motion_3d(data, rms, rng, spacing):
     import torchio as tio
 
-    n_moves = int(rng.integers(1, 4))
+    n_moves = int(rng.integers(2, 4))
     pe_axis = int(rng.integers(0, 3))
-    times = np.sort(rng.uniform(0.1, 0.9, n_moves))
+    times = _motion_times(n_moves, rng.random(3))
     deg_dir = rng.standard_normal((n_moves, 3))
     mm_dir = rng.standard_normal((n_moves, 3))
     # transpose so that the phase-encode (segment) axis is last, as tio.Motion expects
@@ -631,18 +646,15 @@ def _ghost_lastdim(x, amp, n):
     lines = torch.arange(L, dtype=torch.float64)[None, :]
     hit = (torch.remainder(lines, n[:, None]) == 0).to(torch.float64)
     mult = 1.0 - intensity[:, None] * hit
-    mid = L // 2
-    r = max(int(round(0.02 * L)), 1)
-    lo, hi = mid - r // 2, mid + max(r // 2, 1)
-    mult[:, lo:hi] = 1.0
-    k = torch.fft.fftshift(torch.fft.fft2(x), dim=-1)
+    mult[:, L // 2] = 1.0  # keep the central line (TorchIO restore=None)
+    k = torch.fft.fftshift(torch.fft.fft(x, dim=-1), dim=-1)  # line masks along PE only: 1D FFT suffices
     k = k * mult.to(x.dtype)[:, None, None, :]
-    return torch.fft.ifft2(torch.fft.ifftshift(k, dim=-1)).abs()
+    return torch.fft.ifft(torch.fft.ifftshift(k, dim=-1), dim=-1).abs()
 
 
 def _ghosting_2d(x, amp, g):
     b = x.shape[0]
-    n = torch.randint(2, 9, (b,), generator=g).to(torch.float64)
+    n = torch.randint(2, _GHOST_MAX_N + 1, (b,), generator=g).to(torch.float64)
     axis_last = _rand(b, g) < 0.5
     return _by_axis(_ghost_lastdim, x, axis_last, amp, n)
 
@@ -741,23 +753,31 @@ def _motion_lastdim(x, rms, times, theta_dir, t_dir):
     theta[..., 1, 1] = c
     theta[..., 0, 2] = tx * 2.0 / W
     theta[..., 1, 2] = ty * 2.0 / H
-    grid = F.affine_grid(theta.reshape(-1, 2, 3).to(x.dtype), [b * _N_SEG, 1, H, W], align_corners=False)
-    xr = x.repeat_interleave(_N_SEG, dim=0)
-    moved = F.grid_sample(xr, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    moved = moved.reshape(b, _N_SEG, H, W)
-    k = torch.fft.fftshift(torch.fft.fft2(moved), dim=-1)  # [B, S, H, W], PE along last axis
+    # resample only the (sample, segment) pairs that moved and own k-space lines; the rest is x itself
+    need = (moving > 0) & (frac > 0)
+    bi, si = need.nonzero(as_tuple=True)
+    moved = x.expand(b, _N_SEG, H, W).clone()
+    if len(bi):
+        grid = F.affine_grid(theta[bi, si].to(x.dtype), [len(bi), 1, H, W], align_corners=False)
+        moved[bi, si] = F.grid_sample(x[bi], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    # the segment masks depend only on the PE coordinate, so the readout FFT cancels: 1D FFTs along PE suffice
+    k = torch.fft.fftshift(torch.fft.fft(moved, dim=-1), dim=-1)  # [B, S, H, L]
     sel = F.one_hot(seg, _N_SEG).permute(0, 2, 1).to(k.real.dtype)  # [B, S, L]
     kk = (k * sel[:, :, None, :]).sum(1, keepdim=True)
-    return torch.fft.ifft2(torch.fft.ifftshift(kk, dim=-1)).abs().to(x.dtype)
+    return torch.fft.ifft(torch.fft.ifftshift(kk, dim=-1), dim=-1).abs().to(x.dtype)
 
 
 def _motion_2d(x, rms, g):
     b = x.shape[0]
-    n_moves = torch.randint(1, _N_SEG, (b,), generator=g)
-    raw = 0.1 + 0.8 * _rand(b, g, _N_SEG - 1)
-    # unused movements: push their boundaries to 1 so their segments are empty
-    use = torch.arange(_N_SEG - 1)[None, :] < n_moves[:, None]
-    times = torch.where(use, raw, torch.ones_like(raw)).sort(dim=1).values
+    n_moves = torch.randint(2, _N_SEG, (b,), generator=g)
+    u = _rand(b, g, 3)
+    # same timing model as 3D (_motion_times): central reference band of 4-20 % of k-space
+    w = 0.04 + 0.16 * u[:, 0]
+    lo = 0.5 - w * (0.3 + 0.4 * u[:, 1])
+    hi = 0.5 + w * (0.7 - 0.4 * u[:, 1])
+    extra = torch.where(u[:, 2] < 0.5, 0.05 + (lo - 0.05) * u[:, 2] * 2, hi + (0.95 - hi) * (u[:, 2] - 0.5) * 2)
+    extra = torch.where(n_moves == 3, extra, torch.ones_like(extra))  # unused: empty last segment
+    times = torch.stack([lo, hi, extra], 1).sort(dim=1).values
     theta_dir = _randn(b, g, _N_SEG)
     t_dir = _randn(b, g, _N_SEG, 2)
     axis_last = _rand(b, g) < 0.5

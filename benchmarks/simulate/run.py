@@ -1,0 +1,353 @@
+"""Calibrate and validate the artifact severities of artifactqc.simulate; measure slice-batch speed.
+
+    python benchmarks/simulate/run.py calibrate [--data ../shared/data] [--workers 2]
+        sweeps each artifact's physical parameter on real volumes (3D, SSIM in the head mask) and on slices
+        of them (2D path), inverts the mean SSIM curve onto target_ssim(s) = 1 - D*s and rewrites the
+        CALIBRATION block of src/artifactqc/simulate.py (+ calibration.json here).
+    python benchmarks/simulate/run.py validate   -> results.json, results.md (severity -> SSIM table,
+        Spearman per type per volume, band at severity 0.5, mixtures)
+    python benchmarks/simulate/run.py speed      -> speed.json (slices/s per type, 128x128, CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+# >= 5 real volumes, 4 contrasts (T1w, T2w, FLAIR, PD), 1-2.4 mm voxels, skull-stripped and whole-head
+VOLUMES = [
+    "volumes/VolumeRenderingData/stroke_T1.nii.gz",
+    "volumes/VolumeRenderingData/stroke_T2.nii.gz",
+    "volumes/VolumeRenderingData/stroke_FLAIR.nii.gz",
+    "volumes/NiChart/IXI012-HH-1211_T1.nii.gz",
+    "volumes/NiChart/IXI015-HH-1258_T1.nii.gz",
+    "volumes/niivue-demo-images/register_T2w.nii.gz",
+    "volumes/niivue-images/chris_PD.nii.gz",
+]
+
+GRIDS = {  # physical parameter sweeps (3D and 2D)
+    "noise": [0, 0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2],
+    "ghosting": [0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+    "bias": [0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.3],
+    "anisotropy": [1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 13],
+    "motion": [0, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8],
+}
+
+
+def _load(data_dir: Path, rel: str):
+    from artifactqc.io import load_volume, normalize_intensity, to_canonical
+    from artifactqc.simulate import head_mask
+
+    vol = load_volume(data_dir / rel)
+    d, aff = to_canonical(vol.data, vol.affine)
+    d = normalize_intensity(d)
+    from artifactqc.io import voxel_sizes
+
+    return d, head_mask(d), tuple(float(v) for v in voxel_sizes(aff))
+
+
+def _sweep_volume(job):
+    import torch
+
+    torch.set_num_threads(1)
+    from artifactqc.simulate import apply_artifact, ssim_masked
+
+    data_dir, vi, rel, artifact = job
+    d, m, sp = _load(Path(data_dir), rel)
+    out = []
+    for val in GRIDS[artifact]:
+        if (artifact == "anisotropy" and val == 1) or val == 0:
+            out.append(1.0)
+            continue
+        c, _ = apply_artifact(d, artifact, val, np.random.default_rng(1000 + vi), sp)
+        out.append(ssim_masked(d, c, m))
+    return artifact, vi, out
+
+
+def _slices(data_dir: Path, size: int = 128):
+    """9 slices per volume (3 per axis at 35/50/65 % of the mask extent), padded square, resized to size."""
+    import torch
+    import torch.nn.functional as F
+
+    xs, ms = [], []
+    for rel in VOLUMES:
+        d, m, _ = _load(data_dir, rel)
+        for ax in range(3):
+            idx = np.nonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+            for q in (0.35, 0.5, 0.65):
+                k = int(idx[0] + q * (idx[-1] - idx[0]))
+                sl = np.take(d, k, axis=ax)
+                ml = np.take(m, k, axis=ax)
+                h, w = sl.shape
+                n = max(h, w)
+                pad = ((n - h) // 2, n - h - (n - h) // 2), ((n - w) // 2, n - w - (n - w) // 2)
+                sl = np.pad(sl, pad)
+                ml = np.pad(ml, pad)
+                t = torch.from_numpy(sl)[None, None]
+                xs.append(F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+                tm = torch.from_numpy(ml.astype(np.float32))[None, None]
+                ms.append(F.interpolate(tm, size=(size, size), mode="nearest") > 0.5)
+    return torch.cat(xs).clamp_min(0), torch.cat(ms)
+
+
+def _sweep_2d(data_dir: Path, seeds=(0, 1, 2)):
+    import torch
+
+    from artifactqc import simulate as S
+
+    x, m = _slices(data_dir)
+    res = {}
+    for a in S.ARTIFACTS:
+        j = S.ARTIFACTS.index(a)
+        curves = []
+        for val in GRIDS[a]:
+            vals = torch.zeros(len(x), 5, dtype=torch.float64)
+            if a == "anisotropy":
+                vals[:, :] = 0
+                vals[:, j] = val
+            else:
+                vals[:, j] = val
+            ss = []
+            for sd in seeds:
+                y = S.apply_slices(x, vals, torch.Generator().manual_seed(sd))
+                ss.append(S.ssim_slices(x, y, m))
+            curves.append(torch.stack(ss).mean(0).numpy())  # [n_slices]
+        res[a] = np.stack(curves, 1)  # [n_slices, n_grid]
+    return res
+
+
+def _invert(grid, ssim_curve, d):
+    """Parameter at each severity knot so that the mean SSIM equals 1 - d*s (monotone interpolation)."""
+    from artifactqc.simulate import SEVERITY_KNOTS
+
+    g = np.asarray(grid, dtype=np.float64)
+    y = np.minimum.accumulate(np.asarray(ssim_curve, dtype=np.float64))  # enforce monotone decrease
+    y = y - 1e-9 * np.arange(len(y))  # strictly decreasing for interp
+    out, clipped = [], []
+    for s in SEVERITY_KNOTS:
+        t = 1.0 - d * s
+        if t < y[-1]:
+            clipped.append(s)
+        out.append(float(np.interp(-t, -y, g)))
+    out[0] = float(g[0])
+    return [round(v, 5) for v in out], clipped
+
+
+def _write_calibration(cal3, cal2, source):
+    path = REPO / "src" / "artifactqc" / "simulate.py"
+    text = path.read_text()
+
+    def fmt(name, cal):
+        lines = [f"{name} = {{"]
+        for a, v in cal.items():
+            lines.append(f'    "{a}": {json.dumps(v)},')
+        lines.append("}")
+        return "\n".join(lines)
+
+    block = (
+        "# BEGIN CALIBRATION (generated; do not edit by hand)\n"
+        + fmt("CALIBRATION_3D", cal3)
+        + "\n"
+        + fmt("CALIBRATION_2D", cal2)
+        + f"\nCALIBRATION_SOURCE = {json.dumps(source)}\n# END CALIBRATION"
+    )
+    new = re.sub(r"# BEGIN CALIBRATION.*?# END CALIBRATION", block, text, flags=re.S)
+    path.write_text(new)
+
+
+def calibrate(data_dir: Path, workers: int):
+    from artifactqc import simulate as S
+
+    d = S.TARGET_SSIM_DROP
+    jobs = [(str(data_dir), vi, rel, a) for a in S.ARTIFACTS for vi, rel in enumerate(VOLUMES)]
+    curves3 = {a: [None] * len(VOLUMES) for a in S.ARTIFACTS}
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        for a, vi, out in ex.map(_sweep_volume, jobs):
+            curves3[a][vi] = out
+            print(f"[{time.time() - t0:6.0f}s] 3D {a:10s} {VOLUMES[vi].split('/')[-1]:32s} {np.round(out, 3).tolist()}", flush=True)
+    c2 = _sweep_2d(data_dir)
+    print(f"[{time.time() - t0:6.0f}s] 2D sweeps done", flush=True)
+    cal3, cal2, report = {}, {}, {"target_drop": d, "grids": GRIDS, "volumes": VOLUMES, "types": {}}
+    for a in S.ARTIFACTS:
+        m3 = np.mean(np.array(curves3[a]), 0)
+        m2 = c2[a].mean(0)
+        cal3[a], clip3 = _invert(GRIDS[a], m3, d)
+        cal2[a], clip2 = _invert(GRIDS[a], m2, d)
+        report["types"][a] = {
+            "param": S.PARAM_NAMES[a],
+            "ssim3d_per_volume": np.round(np.array(curves3[a]), 4).tolist(),
+            "ssim3d_mean": np.round(m3, 4).tolist(),
+            "ssim2d_mean": np.round(m2, 4).tolist(),
+            "map3d": cal3[a],
+            "map2d": cal2[a],
+            "severities_beyond_grid_3d": clip3,
+            "severities_beyond_grid_2d": clip2,
+        }
+        print(a, "3D", cal3[a], "clipped", clip3)
+        print(a, "2D", cal2[a], "clipped", clip2)
+    (HERE / "calibration.json").write_text(json.dumps(report, indent=1))
+    _write_calibration(cal3, cal2, "benchmarks/simulate/run.py calibrate (" + time.strftime("%Y-%m-%d") + ")")
+    print("wrote calibration.json and the CALIBRATION block of simulate.py")
+
+
+def _validate_volume(job):
+    import torch
+
+    torch.set_num_threads(1)
+    from artifactqc.simulate import SEVERITY_KNOTS, simulate_volume, ssim_masked
+
+    data_dir, vi, rel, artifact = job
+    d, m, sp = _load(Path(data_dir), rel)
+    out = []
+    for s in SEVERITY_KNOTS:
+        c, p = simulate_volume(d, artifact, float(s), seed=2000 + vi, spacing=sp)
+        out.append(ssim_masked(d, c, m))
+    return artifact, vi, out
+
+
+def validate(data_dir: Path, workers: int):
+    import torch
+    from scipy.stats import spearmanr
+
+    from artifactqc import simulate as S
+
+    kinds = S.ARTIFACTS + ("mix",)
+    jobs = [(str(data_dir), vi, rel, a) for a in kinds for vi, rel in enumerate(VOLUMES)]
+    res = {a: [None] * len(VOLUMES) for a in kinds}
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        for a, vi, out in ex.map(_validate_volume, jobs):
+            res[a][vi] = out
+            print(f"[{time.time() - t0:6.0f}s] {a:10s} {VOLUMES[vi].split('/')[-1]:32s} {np.round(out, 3).tolist()}", flush=True)
+    # 2D path: held-out seeds
+    x, m = _slices(data_dir)
+    res2 = {}
+    for a in kinds:
+        rows = []
+        for s in S.SEVERITY_KNOTS:
+            ss = []
+            for sd in (10, 11, 12):
+                y = S.simulate_slices(x, [a] * len(x), torch.full((len(x),), float(s)), torch.Generator().manual_seed(sd))
+                ss.append(S.ssim_slices(x, y, m))
+            rows.append(torch.stack(ss).mean(0).numpy())
+        res2[a] = np.stack(rows, 1)  # [n_slices, n_sev]
+    sev = np.array(S.SEVERITY_KNOTS)
+    out = {"severities": sev.tolist(), "target": S.target_ssim(sev).round(4).tolist(), "volumes": VOLUMES,
+           "calibration_source": S.CALIBRATION_SOURCE, "types": {}}
+    for a in kinds:
+        arr = np.array(res[a])
+        rhos = [float(spearmanr(sev, r).statistic) for r in arr]
+        rhos2 = [float(spearmanr(sev, r).statistic) for r in res2[a]]
+        out["types"][a] = {
+            "ssim3d_per_volume": arr.round(4).tolist(),
+            "ssim3d_mean": arr.mean(0).round(4).tolist(),
+            "ssim3d_sd": arr.std(0, ddof=1).round(4).tolist(),
+            "spearman3d_per_volume": np.round(rhos, 4).tolist(),
+            "ssim2d_mean": res2[a].mean(0).round(4).tolist(),
+            "ssim2d_sd": res2[a].std(0, ddof=1).round(4).tolist(),
+            "spearman2d_min_over_slices": float(np.nanmin(rhos2)),
+            "spearman2d_median_over_slices": float(np.nanmedian(rhos2)),
+        }
+    at5 = [out["types"][a]["ssim3d_mean"][5] for a in S.ARTIFACTS]
+    at5_2 = [out["types"][a]["ssim2d_mean"][5] for a in S.ARTIFACTS]
+    out["band_at_0.5_3d"] = [min(at5), max(at5)]
+    out["band_at_0.5_2d"] = [min(at5_2), max(at5_2)]
+    (HERE / "results.json").write_text(json.dumps(out, indent=1))
+    _write_md(out)
+    print((HERE / "results.md").read_text())
+
+
+def _write_md(out):
+    sev = out["severities"]
+    L = ["# Severity calibration: SSIM to the clean image (head/brain mask) vs severity", ""]
+    L.append(f"Calibration: `{out['calibration_source']}`. Target curve: SSIM(s) = 1 - D*s, D = "
+             f"{1 - out['target'][-1]:.2f}. Volumes ({len(out['volumes'])}): " + ", ".join(
+                 v.split('/')[-1] for v in out["volumes"]) + ".")
+    L.append("")
+    for dim, key, sdkey in (("3D volumes (mean ± sd over volumes, one seed each)", "ssim3d_mean", "ssim3d_sd"),
+                            ("2D slice path (mean ± sd over 63 slices, 3 seeds averaged)", "ssim2d_mean", "ssim2d_sd")):
+        L.append(f"## {dim}")
+        L.append("")
+        L.append("| type | " + " | ".join(f"{s:.1f}" for s in sev) + " |")
+        L.append("|---|" + "---|" * len(sev))
+        L.append("| target | " + " | ".join(f"{t:.3f}" for t in out["target"]) + " |")
+        for a, r in out["types"].items():
+            L.append(f"| {a} | " + " | ".join(f"{m:.3f}±{s:.3f}" for m, s in zip(r[key], r[sdkey])) + " |")
+        L.append("")
+    L.append("## Monotonicity (Spearman of SSIM vs severity 0, 0.1, …, 1)")
+    L.append("")
+    L.append("| type | 3D per volume (max) | 3D all | 2D median over slices | 2D worst slice |")
+    L.append("|---|---|---|---|---|")
+    for a, r in out["types"].items():
+        rh = r["spearman3d_per_volume"]
+        L.append(f"| {a} | {max(rh):.3f} | {' '.join(f'{v:.2f}' for v in rh)} | "
+                 f"{r['spearman2d_median_over_slices']:.3f} | {r['spearman2d_min_over_slices']:.3f} |")
+    L.append("")
+    b3, b2 = out["band_at_0.5_3d"], out["band_at_0.5_2d"]
+    L.append(f"**Band at severity 0.5** (five single types, mean SSIM): 3D {b3[0]:.3f}–{b3[1]:.3f} "
+             f"(centre {(b3[0] + b3[1]) / 2:.3f} ± {(b3[1] - b3[0]) / 2:.3f}); "
+             f"2D {b2[0]:.3f}–{b2[1]:.3f} (centre {(b2[0] + b2[1]) / 2:.3f} ± {(b2[1] - b2[0]) / 2:.3f}); "
+             f"target {out['target'][5]:.3f}.")
+    L.append("")
+    (HERE / "results.md").write_text("\n".join(L))
+
+
+def speed(n: int = 512, reps: int = 3, threads: int = 1):
+    import torch
+
+    from artifactqc import simulate as S
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")
+    head = ((yy**2 + xx**2) < 0.8).float()
+    x = (head * (0.5 + 0.3 * torch.rand(n, 1, 128, 128, generator=g))).float()
+    res = {"n_slices": n, "size": "128x128", "torch_threads": threads,
+           "note": "measured on a shared, loaded 2-core machine (other jobs running)"}
+    for a in S.ARTIFACTS + ("mix",):
+        sev = torch.rand(n, generator=g) * 0.9 + 0.1
+        S.simulate_slices(x[:32], [a] * 32, sev[:32], generator=g)  # warm-up
+        best = 1e9
+        for _ in range(reps):
+            t = time.perf_counter()
+            S.simulate_slices(x, [a] * n, sev, generator=g)
+            best = min(best, time.perf_counter() - t)
+        res[a] = round(n / best, 1)
+        print(f"{a:10s} {n / best:8.0f} slices/s", flush=True)
+    (HERE / f"speed_threads{threads}.json").write_text(json.dumps(res, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["calibrate", "validate", "speed"])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the speed test")
+    args = ap.parse_args()
+    data_dir = Path(args.data).resolve()
+    if args.mode != "speed" and not (data_dir / "MANIFEST.tsv").is_file():
+        sys.exit(f"development data not found at {data_dir} (pass --data)")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.mode == "calibrate":
+        calibrate(data_dir, args.workers)
+    elif args.mode == "validate":
+        validate(data_dir, args.workers)
+    else:
+        speed(threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
