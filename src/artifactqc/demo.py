@@ -75,7 +75,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-#: Default ``demo:`` spec: 4 sites, 22 volumes + 2 broken files; plain YAML-able types only.
+#: Default ``demo:`` spec: 4 sites, 22 volumes + 2 broken files (~95 MB); plain YAML-able types only.
 DEFAULT_SPEC: dict = {
     "seed": 20261123,
     "session": "1",
@@ -97,14 +97,14 @@ DEFAULT_SPEC: dict = {
             "name": "siteA",
             "role": "reference",
             "contrast": "T1w",
-            "n_subjects": 6,
+            "n_subjects": 5,
             "voxel_mm": [1.0, 1.0, 1.0],
             "orientation": "RAS",
             "fov_mm": [168.0, 206.0, 178.0],
             "fov_shift_mm": [0.0, 0.0, 0.0],
             "dtype": "float32",
             "scale": 1.0,
-            "noise": 0.015,
+            "noise": 0.012,
             "slab_average": False,
             "artifact_fraction": 0.0,
             "broken": [],
@@ -145,7 +145,7 @@ DEFAULT_SPEC: dict = {
             "name": "siteD",
             "role": "target",
             "contrast": "T1w",
-            "n_subjects": 5,
+            "n_subjects": 6,
             "voxel_mm": [1.0, 1.0, 5.0],
             "orientation": "LAS",
             "fov_mm": [170.0, 210.0, 150.0],
@@ -604,8 +604,9 @@ def render_volume(
         info = np.iinfo(dt)
         out = np.clip(np.rint(scaled), max(info.min, 0), info.max).astype(dt)
     else:
-        # keep ~11 significant bits (like a reconstruction's float output) so gzip can compress it
-        q = float(site["scale"]) / 2048.0
+        # values on a grid of scale/512 (9 bits below white matter, like a converted integer image):
+        # full float32 mantissas of noise do not compress, and the demo must stay small
+        q = float(site["scale"]) / 512.0
         out = (np.rint(scaled / q) * q).astype(dt)
     return _reorient(out, aff, site["orientation"])
 
@@ -623,6 +624,12 @@ def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp.nii.gz")
     nib.save(img, str(tmp))
     os.replace(tmp, path)
+
+
+def _worker_init() -> None:
+    """Worker processes: one thread each for OpenMP/BLAS/torch (the pool already uses the cores)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
 
 
 def _build_one(spec: dict, row: dict) -> str:
@@ -652,7 +659,8 @@ def build_demo(spec: dict | None, root: str | os.PathLike, n_jobs: int = 1) -> p
     """Write every volume of :func:`demo_sheet` under ``root`` and ``root/sheet.tsv``; return the sheet.
 
     Deterministic for ``spec['seed']`` whatever ``n_jobs`` is. The head model is built once in this
-    process before worker processes are forked, so they share it.
+    process before worker processes are forked, so they share it (if torch is already loaded here,
+    workers are spawned instead and build their own).
     """
     spec = _merged_spec(spec)
     sheet = demo_sheet(spec, root)
@@ -662,9 +670,15 @@ def build_demo(spec: dict | None, root: str | os.PathLike, n_jobs: int = 1) -> p
     rows = sheet.to_dict("records")
     if n_jobs > 1 and len(rows) > 1:
         import multiprocessing as mp
+        import sys
 
-        ctx = mp.get_context("fork")
-        with ProcessPoolExecutor(max_workers=int(n_jobs), mp_context=ctx) as ex:
+        # fork shares the head model with the workers; but a child of a process that has already run torch
+        # (OpenMP thread pools) can deadlock when it runs torch itself (artifact injection), so in that
+        # case spawn fresh workers instead
+        injects = bool((sheet["injected_artifact"] != "").any())
+        method = "spawn" if injects and "torch" in sys.modules else "fork"
+        ctx = mp.get_context(method)
+        with ProcessPoolExecutor(max_workers=int(n_jobs), mp_context=ctx, initializer=_worker_init) as ex:
             for vid in ex.map(_build_one, [spec] * len(rows), rows):
                 log.debug("wrote %s", vid)
     else:
