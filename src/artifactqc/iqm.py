@@ -54,6 +54,8 @@ Where our numbers can differ from MRIQC's, and why
 * **Artifact mask for QI1**: same recipe as MRIQC (air voxels with a robust z-score > 10, more than
   10 mm from the head, cleaned by a morphological opening), but on our air mask.
 * **QI2** (χ fit of the air distribution) is not computed.
+* MRIQC rounds the image to integers and the probability maps to 3 decimals before the weighted
+  statistics; we do not (differences well below 1 unit on the harmonised scale).
 * **N4 settings** (antspyx defaults, shrink factor 4) differ from MRIQC's, so INU median/range
   differ somewhat.
 
@@ -227,55 +229,48 @@ def volume_fraction(pvms: Sequence[np.ndarray]) -> dict[str, float]:
     return {k: v / total for k, v in sums.items()}
 
 
-def rpve(pvms: Sequence[np.ndarray], seg: np.ndarray) -> dict[str, float]:
-    r"""Residual partial-volume error per tissue (MRIQC ``rpve``), in percent of the tissue voxels.
+def rpve(pvms: Sequence[np.ndarray], seg: np.ndarray | None = None) -> dict[str, float]:
+    r"""Residual partial-volume error per tissue (MRIQC ``rpve``, as implemented in MRIQC 24.0).
 
-    ``pvms`` is ``[csf, gm, wm]``; ``seg`` the hard labels (1 = CSF, 2 = GM, 3 = WM, 0 = other).
-    For tissue ``k``: take the partial-volume values inside its hard label, clip below at 0, set
-    values ≥ 1 (pure voxels) to 0, keep the non-zero ones, drop those below their 2nd and above
-    their 98th percentile, then
-    :math:`100 \cdot [\sum_{p > 0.5} p + \sum_{0 < p \le 0.5} (1 - p)] / N`, with ``N`` the count of
-    non-zero values before the percentile trimming. Lower is better.
+    ``pvms`` is ``[csf, gm, wm]`` (``seg`` is accepted for signature compatibility and unused, as in
+    MRIQC). For each map: clip to [0, 1]; ``N`` = number of voxels with p > 0; zero the values below
+    the 2nd and above the 98th percentile of the positive values; then
+    :math:`\mathrm{rPVE} = [\sum_{p > 0.5} p + \sum_{p \le 0.5} (1 - p)] / N`.
+    Note (reproduced for comparability): the second sum runs over *every* voxel with p ≤ 0.5,
+    including the zeros outside the tissue, so the value grows with the field of view; compare
+    rPVE only between volumes of similar matrix size. Lower is better.
     """
     out: dict[str, float] = {}
-    seg = np.asarray(seg)
-    for lid, (k, pvm) in enumerate(zip(TISSUES, pvms), start=1):
-        p = np.asarray(pvm, dtype=np.float64)[seg == lid].copy()
-        p[p < 0.0] = 0.0
-        p[p >= 1.0] = 0.0
-        nz = p[p > 0]
-        if nz.size == 0:
-            out[k] = 0.0
+    for k, pvm in zip(TISSUES, pvms):
+        p = np.clip(np.asarray(pvm, dtype=np.float64), 0.0, 1.0)
+        pos = p[p > 0]
+        if pos.size == 0:
+            out[k] = float("nan")
             continue
-        upth = np.percentile(nz, 98)
-        loth = np.percentile(nz, 2)
-        p[p < loth] = 0.0
-        p[p > upth] = 0.0
-        out[k] = float(100.0 * (p[p > 0.5].sum() + (1.0 - p[(p > 0) & (p <= 0.5)]).sum()) / nz.size)
+        total = float(pos.size)
+        upth = np.percentile(pos, 98)
+        loth = np.percentile(pos, 2)
+        p = np.where((p < loth) | (p > upth), 0.0, p)
+        out[k] = float((p[p > 0.5].sum() + (1.0 - p[p <= 0.5]).sum()) / total)
     return out
 
 
 def _weighted_quantiles(x: np.ndarray, w: np.ndarray, qs: Sequence[float]) -> np.ndarray:
-    """Weighted quantiles with the convention of statsmodels' ``DescrStatsW.quantile``.
+    """Weighted quantiles, SAS definition (as statsmodels' ``DescrStatsW.quantile`` used by MRIQC).
 
-    Sort the data; the q-quantile is the first value whose cumulative weight is >= q·W, except
-    that when the cumulative weight equals q·W exactly the quantile is the mean of that value and
-    the next one (the usual "midpoint at ties" rule for weighted medians).
+    Tied values are merged (weights summed); the q-quantile is the first value whose cumulative
+    weight reaches q·W, and the midpoint with the next value when the cumulative weight hits q·W
+    exactly.
     """
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    cw = np.cumsum(w[order])
-    total = cw[-1]
-    out = []
-    for q in qs:
-        target = q * total
-        i = int(np.searchsorted(cw, target, side="left"))
-        i = min(i, xs.size - 1)
-        if np.isclose(cw[i], target) and i + 1 < xs.size:
-            out.append(0.5 * (xs[i] + xs[i + 1]))
-        else:
-            out.append(xs[i])
-    return np.asarray(out, dtype=np.float64)
+    values, inv = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True)
+    weights = np.bincount(inv.ravel(), weights=np.asarray(w, dtype=np.float64).ravel(), minlength=values.size)
+    cw = np.cumsum(weights)
+    targets = np.asarray(qs, dtype=np.float64) * cw[-1]
+    ii = np.minimum(np.searchsorted(cw, targets), values.size - 1)
+    out = values[ii].copy()
+    exact = (np.abs(targets - cw[ii]) < 1e-10) & (ii < values.size - 1)
+    out[exact] = 0.5 * (values[ii[exact]] + values[ii[exact] + 1])
+    return out
 
 
 def tissue_stats(img: np.ndarray, weights: np.ndarray) -> dict[str, float]:
@@ -288,13 +283,12 @@ def tissue_stats(img: np.ndarray, weights: np.ndarray) -> dict[str, float]:
     """
     x = np.asarray(img, dtype=np.float64).ravel()
     w = np.asarray(weights, dtype=np.float64).ravel()
-    keep = w > 0
-    x, w = x[keep], w[keep]
-    if x.size == 0:
+    if not (w > 0).any():
         return {k: float("nan") for k in ("mean", "stdv", "median", "p05", "p95", "k", "mad", "n")}
     wsum = w.sum()
     mean = float((w * x).sum() / wsum)
     stdv = float(math.sqrt(max((w * (x - mean) ** 2).sum() / wsum, 0.0)))
+    # Quantiles over all voxels (zero-weight ones included, as DescrStatsW does).
     p05, median, p95 = _weighted_quantiles(x, w, (0.05, 0.5, 0.95))
     thr = x[w > 0.5 * w.max()]
     return {
@@ -398,7 +392,7 @@ def brain_mask(
     cand = head & (data > thr)
     ball = _ball(_radius_vox(erode_mm, zooms))
     core = ndi.binary_erosion(cand, structure=ball)
-    if core.sum() < 0.05 * head.sum():
+    if core.sum() < 0.01 * head.sum():
         return head.copy()
     core = _largest_component(core)
     m = ndi.binary_dilation(core, structure=ball) & cand
@@ -601,7 +595,7 @@ def iqms_from_maps(
     else:
         out["inu_med"] = out["inu_range"] = float("nan")
     out.update({f"icvs_{k}": v for k, v in volume_fraction(pvms).items()})
-    out.update({f"rpve_{k}": v for k, v in rpve([p.copy() for p in pvms], seg).items()})
+    out.update({f"rpve_{k}": v for k, v in rpve(pvms).items()})
     for t, s in stats.items():
         for name, v in s.items():
             out[f"summary_{t}_{name}"] = v
