@@ -379,3 +379,57 @@ def test_ingest_through_sbatch_and_new_site_submits_only_its_jobs(cluster, tmp_p
     done = cluster.completed_jobs()
     assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
     assert "C-0" in set(pd.read_parquet(workdir / "results/cohort/volumes.parquet")["volume_id"])
+
+
+GPU_PROBE_SNAKEFILE = """
+# Written by tests/workflow/test_slurm.py: one job per rule name that profiles/slurm sends to the GPU
+# partition, to check the profile's GPU resources against a real sbatch. Not part of the workflow.
+rule all:
+    input: expand("{{rule}}.txt", rule=[{rules}])
+
+{blocks}
+"""
+
+GPU_PROBE_RULE = """
+rule {rule}:
+    output: "{rule}.txt"
+    threads: 1
+    resources: mem_mb=200, runtime=5
+    shell: "echo gpus=${{{{CUDA_VISIBLE_DEVICES:-none}}}} > {{output}}"
+"""
+
+
+def test_gpu_rules_get_gpu_options_on_a_gpu_partition_and_none_when_mapped_to_cpu(cluster, tmp_path):
+    # train_encoder and superres keep the shipped profile's GPU settings (superres without a GPU
+    # model); score_shard is mapped to the CPU partition the way README says to run without GPUs.
+    profile = derived_profile(tmp_path / "profile", cluster, gpu_partition=True, logdir=tmp_path / "slurm_logs")
+    prof = yaml.safe_load((profile / "config.yaml").read_text())
+    prof["set-resources"]["superres"].pop("gpu_model")
+    prof["set-resources"]["score_shard"] = {"slurm_partition": "cpu", "gpu": 0, "mem_mb": 200}
+    (profile / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    snakefile = workdir / "Snakefile"
+    snakefile.write_text(GPU_PROBE_SNAKEFILE.format(
+        rules=", ".join(repr(r) for r in GPU_RULES),
+        blocks="\n".join(GPU_PROBE_RULE.format(rule=r) for r in GPU_RULES)))
+
+    out = run_on_cluster(cluster, workdir, profile, snakefile=snakefile)
+    calls, ids = sbatch_calls(out)
+    by_rule = {c["rule"]: (c["argv"], i) for c, i in zip(calls, ids)}
+    assert sorted(by_rule) == sorted(GPU_RULES)
+    expect = {"train_encoder": ("gpu", f"{cluster.gpu_model}:1"), "superres": ("gpu", "1"), "score_shard": ("cpu", None)}
+    for rule, (partition, gpus) in expect.items():
+        argv, _ = by_rule[rule]
+        assert (opt(argv, "-p"), opt(argv, "--gpus"), opt(argv, "--gres")) == (partition, gpus, None), argv
+        assert (opt(argv, "--ntasks-per-gpu") is not None) == (gpus is not None), argv
+    done = cluster.completed_jobs()
+    assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
+    # what SLURM allocated (jobs stay visible to scontrol for MinJobAge = 600 s)
+    for rule, (partition, gpus) in expect.items():
+        show = _run(["scontrol", "-o", "show", "job", by_rule[rule][1]], 15, env=cluster.env).stdout
+        assert f"Partition={partition}" in show, show
+        assert ("TresPerJob=gres:gpu:" in show) == (gpus is not None), show
+    # the job saw the (fake) GPU SLURM bound to it, and only the GPU jobs did
+    seen = {r: (workdir / f"{r}.txt").read_text().strip() for r in GPU_RULES}
+    assert seen == {"train_encoder": "gpus=0", "superres": "gpus=0", "score_shard": "gpus=none"}
