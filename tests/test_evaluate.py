@@ -36,14 +36,18 @@ def test_auroc_hand():
     # pairs (pos, neg): pos scores 0.8, 0.4; neg 0.5, 0.1 -> 3 of 4 pairs ordered -> 0.75
     assert ev.auroc([1, 1, 0, 0], [0.8, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
     assert np.isnan(ev.auroc([1, 1], [0.1, 0.2]))
+    rng = np.random.default_rng(3)
+    y = rng.random(200) < 0.3
+    x = np.round(rng.normal(size=200) + y, 1)  # with ties
+    assert ev.auroc_rank(y, x) == pytest.approx(ev.auroc(y, x), abs=1e-12)
 
 
 def test_bootstrap_ci_deterministic_contains_point_and_covers():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(60, bool), np.zeros(140, bool)]
     x = np.r_[rng.normal(1, 1, 60), rng.normal(0, 1, 140)]
-    a = ev.bootstrap_ci(ev.auroc, y, x, n_boot=300, seed=7)
-    b = ev.bootstrap_ci(ev.auroc, y, x, n_boot=300, seed=7)
+    a = ev.bootstrap_ci(ev.auroc_rank, y, x, n_boot=300, seed=7)
+    b = ev.bootstrap_ci(ev.auroc_rank, y, x, n_boot=300, seed=7)
     assert a == b
     assert a[1] <= a[0] <= a[2]
     # coverage sanity: the true AUROC of N(1,1) vs N(0,1) is Phi(1/sqrt 2) = 0.7602
@@ -54,7 +58,7 @@ def test_bootstrap_ci_deterministic_contains_point_and_covers():
     for k in range(40):
         r = np.random.default_rng(100 + k)
         xs = np.r_[r.normal(1, 1, 60), r.normal(0, 1, 140)]
-        _, lo, hi = ev.bootstrap_ci(ev.auroc, y, xs, n_boot=200, seed=k)
+        _, lo, hi = ev.bootstrap_ci(ev.auroc_rank, y, xs, n_boot=200, seed=k)
         hits += lo <= true <= hi
     assert hits >= 33  # nominal 95% of 40 = 38; allow Monte-Carlo slack
 

@@ -111,6 +111,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_score)
 
+    p_iqm = sub.add_parser("iqm", help="MRIQC-defined image-quality metrics of volumes -> table")
+    p_iqm.add_argument("inputs", nargs="+", help="NIfTI files, or one volumes.parquet/.tsv with path and contrast columns")
+    p_iqm.add_argument("--contrast", default="T1w", help="contrast of the NIfTI inputs (T1w, T2w, PD, FLAIR)")
+    p_iqm.add_argument("--no-n4", action="store_true", help="skip N4 (INU metrics become NaN)")
+    p_iqm.add_argument("-o", "--output", required=True, help="output .parquet or .tsv")
+    p_iqm.set_defaults(func=_cmd_iqm)
+
+    p_ev = sub.add_parser("evaluate", help="sensitivity/specificity/AUROC with bootstrap CIs of flags and scores vs labels")
+    p_ev.add_argument("table", help="scores table (.parquet/.tsv) with a label column")
+    p_ev.add_argument("--label", default="label", help="rating/label column")
+    p_ev.add_argument("--fail-values", default="-1", help="comma-separated ratings that mean fail (others listed in --pass-values pass)")
+    p_ev.add_argument("--pass-values", default="0,1", help="comma-separated ratings that mean pass")
+    p_ev.add_argument("--flags", default="", help="comma-separated boolean flag columns")
+    p_ev.add_argument("--scores", default="", help="comma-separated continuous score columns (higher = worse expected)")
+    p_ev.add_argument("--n-boot", type=int, default=1000)
+    p_ev.add_argument("--seed", type=int, default=0)
+    p_ev.add_argument("-o", "--output", required=True, help="output .parquet/.tsv (a .md beside it is also written)")
+    p_ev.set_defaults(func=_cmd_evaluate)
+
     # (add new subcommands above this line)
     return parser
 
@@ -240,6 +259,54 @@ def _cmd_superres(args) -> int:
         device=args.device,
     )
     print(out)
+    return 0
+
+
+def _read_table(path):
+    import pandas as pd
+
+    return pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path, sep="\t")
+
+
+def _write_table(df, path) -> None:
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if str(path).endswith(".parquet"):
+        df.to_parquet(path, index=False)
+    else:
+        df.to_csv(path, sep="\t", index=False)
+
+
+def _cmd_iqm(args) -> int:
+    from .iqm import iqm_table
+
+    if len(args.inputs) == 1 and args.inputs[0].endswith((".parquet", ".tsv")):
+        vols = _read_table(args.inputs[0])
+        ids = vols["volume_id"] if "volume_id" in vols else None
+        df = iqm_table(vols["path"], vols["contrast"], ids=ids, use_n4=not args.no_n4)
+    else:
+        df = iqm_table(args.inputs, args.contrast, use_n4=not args.no_n4)
+    _write_table(df, args.output)
+    n_bad = int((df["status"] != "ok").sum())
+    logging.getLogger("artifactqc").info("IQMs of %d volumes written to %s (%d failed)", len(df), args.output, n_bad)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate_flags, map_ratings, to_markdown
+
+    df = _read_table(args.table)
+    mapping = {v.strip(): True for v in args.fail_values.split(",") if v.strip()}
+    mapping.update({v.strip(): False for v in args.pass_values.split(",") if v.strip()})
+    df["_fail"] = map_ratings(df[args.label], mapping)
+    flags = [c for c in args.flags.split(",") if c]
+    scores = [c for c in args.scores.split(",") if c]
+    res = evaluate_flags(df, "_fail", flags, scores, n_boot=args.n_boot, seed=args.seed)
+    _write_table(res, args.output)
+    Path(args.output).with_suffix(".md").write_text(to_markdown(res))
     return 0
 
 

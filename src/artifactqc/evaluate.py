@@ -95,6 +95,23 @@ def auroc(y_true: Sequence[bool], score: Sequence[float]) -> float:
     return float(roc_auc_score(t, s))
 
 
+def auroc_rank(y_true: Sequence[bool], score: Sequence[float]) -> float:
+    """AUROC as the Mann-Whitney U statistic from mid-ranks (ties count 1/2).
+
+    Numerically identical to :func:`auroc` (tested) and ~50x faster, so it is what the bootstrap
+    uses for continuous scores.
+    """
+    from scipy.stats import rankdata
+
+    t = np.asarray(y_true, dtype=bool)
+    n1 = int(t.sum())
+    n0 = t.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(np.asarray(score, dtype=np.float64))
+    return float((r[t].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
 def _bootstrap_indices(y: np.ndarray, n_boot: int, rng: np.random.Generator) -> Iterable[np.ndarray]:
     """Stratified resamples: positives and negatives resampled separately (keeps both classes)."""
     pos = np.flatnonzero(y)
@@ -161,7 +178,8 @@ def evaluate_flags(
                 for j, name in enumerate(("sensitivity", "specificity", "balanced_accuracy")):
                     p, lo, hi = bootstrap_ci(lambda a, b, _n=name: sens_spec(a, b)[_n], y, xb, n_boot, seed, alpha)
                     row.update({name: p, f"{name}_lo": lo, f"{name}_hi": hi})
-            p, lo, hi = bootstrap_ci(auroc, y, x, n_boot, seed, alpha)
+            _, lo, hi = bootstrap_ci(auroc_rank, y, x, n_boot, seed, alpha)
+            p = auroc(y, x)  # point estimate from sklearn.metrics
             row.update(auroc=p, auroc_lo=lo, auroc_hi=hi)
             if np.isfinite(p) and p < 0.5:
                 row.update(auroc_oriented=1 - p, auroc_oriented_lo=1 - hi, auroc_oriented_hi=1 - lo, direction="low=fail")
