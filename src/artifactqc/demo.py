@@ -75,7 +75,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-#: Default ``demo:`` spec: 4 sites, 22 volumes + 2 broken files (~95 MB); plain YAML-able types only.
+#: Default ``demo:`` spec: 4 sites, 22 volumes + 2 broken files (~100 MB); plain YAML-able types only.
 DEFAULT_SPEC: dict = {
     "seed": 20261123,
     "session": "1",
@@ -97,14 +97,14 @@ DEFAULT_SPEC: dict = {
             "name": "siteA",
             "role": "reference",
             "contrast": "T1w",
-            "n_subjects": 5,
+            "n_subjects": 6,
             "voxel_mm": [1.0, 1.0, 1.0],
             "orientation": "RAS",
             "fov_mm": [168.0, 206.0, 178.0],
             "fov_shift_mm": [0.0, 0.0, 0.0],
             "dtype": "float32",
             "scale": 1.0,
-            "noise": 0.012,
+            "noise": 0.015,
             "slab_average": False,
             "artifact_fraction": 0.0,
             "broken": [],
@@ -145,7 +145,7 @@ DEFAULT_SPEC: dict = {
             "name": "siteD",
             "role": "target",
             "contrast": "T1w",
-            "n_subjects": 6,
+            "n_subjects": 5,
             "voxel_mm": [1.0, 1.0, 5.0],
             "orientation": "LAS",
             "fov_mm": [170.0, 210.0, 150.0],
@@ -604,9 +604,9 @@ def render_volume(
         info = np.iinfo(dt)
         out = np.clip(np.rint(scaled), max(info.min, 0), info.max).astype(dt)
     else:
-        # values on a grid of scale/512 (9 bits below white matter, like a converted integer image):
-        # full float32 mantissas of noise do not compress, and the demo must stay small
-        q = float(site["scale"]) / 512.0
+        # values on a grid of scale/256 (8 bits below white matter, like an 8-bit image converted to float):
+        # full float32 mantissas of noise do not compress, and the demo must stay small (~100 MB)
+        q = float(site["scale"]) / 256.0
         out = (np.rint(scaled / q) * q).astype(dt)
     return _reorient(out, aff, site["orientation"])
 
