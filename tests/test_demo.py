@@ -248,7 +248,8 @@ def test_thick_slices_average_the_slab(tmp_path):
     # slab j covers thin slices 3j..3j+2: the centres agree
     np.testing.assert_allclose(a_thick[:3, 3] + a_thick[:3, 2], a_thin[:3, 3] + 4 * a_thin[:3, 2], atol=1e-6)
     expected = d_thin.reshape(*d_thin.shape[:2], -1, 3).mean(axis=3)
-    np.testing.assert_allclose(d_thick, expected, atol=2e-3)
+    # float32 output is stored on a grid of scale/256: each side is off by at most half a step
+    np.testing.assert_allclose(d_thick, expected, atol=1.0 / 256 + 1e-6)
     # and it is not just the centre slice
     assert np.abs(d_thick - d_thin[:, :, 1::3]).max() > 0.05
 
