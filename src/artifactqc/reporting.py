@@ -1,0 +1,237 @@
+"""End-of-workflow report stage: builds the report figures and the label evaluation from the cohort tables.
+
+Thin glue between the workflow's tables (``results/scores/cohort.parquet``, ``results/cohort/*.parquet``,
+the flow and the encoder folders) and the plotting/evaluation functions of :mod:`artifactqc.report` and
+:mod:`artifactqc.evaluate`; the workflow scripts call one function each:
+
+* :func:`make_report_figures` — cohort overview, per-site score distributions, latent plane with the τ
+  contours, per-site thumbnail strips and per-contrast image rulers.
+* :func:`evaluate_labels` — rating → fail mapping, metrics with bootstrap CIs for ``score > threshold``,
+  each τ flag and ``flagged``, AUROC of the continuous score, a markdown table and a ROC figure.
+
+Image rulers (:func:`ruler_rungs`): the model's own slices of one clean reference volume per contrast
+(lowest score among the volumes that are not flagged) are corrupted with
+:func:`artifactqc.simulate.simulate_slices` — the same 2D simulator the encoder was trained with — at
+increasing severity with fixed random draws; the rung's score is the volume score (trimmed mean over all
+slices, as in :mod:`artifactqc.score`) of the corrupted slices, and the displayed image is the axial
+mid-slice. This takes well under a second per rung on CPU, where corrupting the full 3D volume
+(:func:`artifactqc.simulate.simulate_volume`) takes up to ~17 s per rung for motion.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: Default ruler artifacts and severities.
+RULER_ARTIFACTS = ("motion", "ghosting", "noise", "bias")
+RULER_SEVERITIES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
+
+
+def failures_table(*tables: pd.DataFrame) -> pd.DataFrame:
+    """Failure rows of every stage (ingest, scoring, ...) in one frame; a row counted once per
+    ``(volume_id, stage, error_type)``."""
+    parts = [t for t in tables if t is not None and len(t)]
+    if not parts:
+        return pd.DataFrame(columns=["volume_id", "path", "stage", "error_type", "message"])
+    f = pd.concat(parts, ignore_index=True)
+    keys = [c for c in ("volume_id", "stage", "error_type") if c in f.columns]
+    return f.drop_duplicates(subset=keys or None).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ rulers
+def ruler_reference(scores: pd.DataFrame, contrast: str, flag_col: str = "flagged") -> pd.Series | None:
+    """The reference volume of a contrast for its ruler: the ok, unflagged volume with the lowest score
+    (any ok volume when all are flagged); ``None`` when the contrast has no ok volume."""
+    ok = scores[(scores["status"].astype(str) == "ok") & (scores["contrast"].astype(str) == str(contrast))]
+    ok = ok[np.isfinite(ok["score"].astype(float))]
+    if ok.empty:
+        return None
+    clean = ok[~ok[flag_col].fillna(False).astype(bool)] if flag_col in ok else ok
+    pool = clean if len(clean) else ok
+    return pool.sort_values(["score", "volume_id"]).iloc[0]
+
+
+def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_SEVERITIES, seed: int = 0,
+                batch_size: int = 64) -> list[tuple[float, np.ndarray, float]]:
+    """``[(severity, display image, volume score), …]`` for :func:`artifactqc.report.plot_image_ruler`.
+
+    The volume's model slices (:func:`artifactqc.slices.extract_slices` with the model's slice geometry)
+    are corrupted with :func:`artifactqc.simulate.simulate_slices` at each severity with the same seed
+    (only the severity changes between rungs), scored with the encoder and aggregated like a cohort volume
+    (:func:`artifactqc.score.aggregate`). The image is the axial mid-slice, oriented for ``plot_image_ruler``
+    (which rotates by 90°).
+    """
+    import torch
+
+    from .score import aggregate, predict_slices
+    from .simulate import simulate_slices
+    from .slices import extract_slices
+
+    sl, _ = extract_slices(path, model.slice_cfg)
+    n_ax = int(model.slice_cfg.slices_per_axis)
+    mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
+    x = torch.from_numpy(np.ascontiguousarray(sl, dtype=np.float32))[:, None]
+    rungs = []
+    for s in severities:
+        g = torch.Generator().manual_seed(int(seed))
+        y = simulate_slices(x, [artifact] * x.shape[0], torch.full((x.shape[0],), float(s)), generator=g)
+        arr = y[:, 0].numpy()
+        score = aggregate(predict_slices(model, arr, batch_size))["score"]
+        rungs.append((float(s), np.clip(np.rot90(arr[mid], -1), 0, 1), float(score)))
+    return rungs
+
+
+def plot_rulers(scores: pd.DataFrame, model_dir, out_dir, artifacts: Iterable[str] = RULER_ARTIFACTS,
+                severities: Sequence[float] = RULER_SEVERITIES, threshold: float = 1.0, seed: int = 0,
+                device: str = "auto", flag_col: str = "flagged") -> list[Path]:
+    """One image ruler per (contrast, artifact): ``<out_dir>/ruler_<contrast>_<artifact>.png``, with the
+    flagged volumes of that contrast placed on the score axis."""
+    from . import report
+    from .model import load_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_dir, device=device)
+    paths = []
+    for contrast in sorted(scores["contrast"].dropna().astype(str).unique()):
+        ref = ruler_reference(scores, contrast, flag_col)
+        if ref is None:
+            log.info("ruler %s: no ok volume, skipped", contrast)
+            continue
+        sub = scores[(scores["contrast"].astype(str) == contrast) & (scores["status"].astype(str) == "ok")]
+        flagged = sub[sub[flag_col].fillna(False).astype(bool)] if flag_col in sub else sub.iloc[:0]
+        for art in artifacts:
+            rungs = ruler_rungs(model, ref["path"], art, severities, seed=seed)
+            out = out_dir / f"ruler_{_safe(contrast)}_{_safe(art)}.png"
+            report.plot_image_ruler(rungs, out, art, contrast=f"{contrast}, reference {ref['volume_id']}",
+                                    flagged=flagged[["volume_id", "score"]], threshold=threshold)
+            log.info("ruler %s/%s: reference %s, rung scores %s", contrast, art, ref["volume_id"],
+                     ", ".join(f"{r[2]:.2f}" for r in rungs))
+            paths.append(out)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ figures
+def make_report_figures(
+    scores: pd.DataFrame,
+    volumes: pd.DataFrame,
+    failures: pd.DataFrame,
+    flow_dir,
+    model_dir,
+    overview: str | Path,
+    distributions: str | Path,
+    latent: str | Path,
+    thumbnails_dir: str | Path,
+    rulers_dir: str | Path,
+    taus: Sequence[float] = (5, 3),
+    threshold: float = 1.0,
+    thumbnails_k: int = 4,
+    ruler_artifacts: Iterable[str] = RULER_ARTIFACTS,
+    ruler_severities: Sequence[float] = RULER_SEVERITIES,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, list[Path]]:
+    """Every report figure (see the module docstring); returns the written paths by kind."""
+    from . import report
+    from .density import load_flow
+
+    out: dict[str, list[Path]] = {}
+    out["overview"] = [report.plot_cohort_overview(volumes, failures, overview)]
+    out["distributions"] = [report.plot_score_distributions(scores, distributions, threshold=threshold)]
+    flow = load_flow(flow_dir) if flow_dir else None
+    out["latent"] = [report.plot_latent_plane(scores, latent, flow=flow, taus=taus)]
+    Path(thumbnails_dir).mkdir(parents=True, exist_ok=True)
+    out["thumbnails"] = report.plot_thumbnail_strips(scores, thumbnails_dir, k=thumbnails_k)
+    out["rulers"] = plot_rulers(scores, model_dir, rulers_dir, ruler_artifacts, ruler_severities,
+                                threshold=threshold, seed=seed, device=device)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ labels
+def rating_mapping(fail_values: Iterable, pass_values: Iterable) -> dict:
+    """``{rating: True (fail) / False (pass)}`` for :func:`artifactqc.evaluate.map_ratings`; a value in
+    both lists is an error."""
+    fail_values, pass_values = list(fail_values), list(pass_values)
+    both = {str(v).strip().lower() for v in fail_values} & {str(v).strip().lower() for v in pass_values}
+    if both:
+        raise ValueError(f"ratings listed as both fail and pass: {sorted(both)}")
+    m = {v: True for v in fail_values}
+    m.update({v: False for v in pass_values})
+    return m
+
+
+def label_frame(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterable,
+                taus: Sequence[float] = (5, 3), threshold: float = 1.0) -> tuple[pd.DataFrame, list[str]]:
+    """The ok, labelled rows with a boolean ``fail`` column and the flag columns to evaluate
+    (``score>threshold``, ``flag_tau<τ>`` for each τ present, ``flagged``)."""
+    from .density import tau_column
+    from .evaluate import map_ratings
+
+    df = scores[scores["status"].astype(str) == "ok"].copy()
+    df["fail"] = map_ratings(df["label"], rating_mapping(fail_values, pass_values))
+    unmapped = df.loc[df["fail"].isna() & (df["label"].astype(str).str.strip() != ""), "label"]
+    if len(unmapped):
+        log.warning("ratings not in labels.fail_values/pass_values (ignored): %s",
+                    sorted(unmapped.astype(str).unique()))
+    df = df[df["fail"].notna()].copy()
+    score_flag = f"score>{threshold:g}"
+    df[score_flag] = df["score"].astype(float) > threshold
+    flags = [score_flag] + [c for c in (tau_column(t) for t in taus) if c in df.columns] + ["flagged"]
+    for c in flags:
+        df[c] = df[c].astype(bool)
+    return df, flags
+
+
+def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterable,
+                    taus: Sequence[float] = (5, 3), threshold: float = 1.0, n_boot: int = 1000,
+                    seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Metrics against the manual labels: one row per flag (sensitivity, specificity, balanced accuracy,
+    AUROC of the 0/1 flag) and one for the continuous ``score`` (AUROC), with stratified bootstrap 95 %
+    CIs (:func:`artifactqc.evaluate.evaluate_flags`). Also returns the ROC curves for
+    :func:`artifactqc.report.plot_roc_curves`."""
+    from .evaluate import evaluate_flags, roc_curves
+
+    df, flags = label_frame(scores, fail_values, pass_values, taus, threshold)
+    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score"], n_boot=n_boot, seed=seed)
+    table.insert(2, "n_pass", table["n"] - table["n_fail"])
+    curves = {}
+    dfn = df.assign(**{c: df[c].astype(float) for c in flags})
+    roc = roc_curves(dfn, "fail", ["score"] + flags)
+    for _, r in table.iterrows():
+        pts = roc[roc["metric"] == r["metric"]]
+        if len(pts):
+            curves[r["metric"]] = {"fpr": pts["fpr"].to_numpy(), "tpr": pts["tpr"].to_numpy(),
+                                   "auc": float(r["auroc"]), "ci": (float(r["auroc_lo"]), float(r["auroc_hi"]))}
+    return table, curves
+
+
+def label_markdown(table: pd.DataFrame) -> str:
+    """Markdown table ``metric | n | n_fail | sensitivity [CI] | specificity [CI] | balanced acc. [CI] |
+    AUROC [CI]``."""
+    def cell(r, name):
+        v = r[name]
+        if not np.isfinite(v):
+            return ""
+        lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
+        return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
+
+    lines = ["| metric | kind | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['metric']} | {r['kind']} | {int(r['n'])} | {int(r['n_fail'])} | "
+                     + " | ".join(cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy", "auroc"))
+                     + " |")
+    return ("Label evaluation (positive class = fail; 95 % stratified bootstrap CIs in brackets).\n\n"
+            + "\n".join(lines) + "\n")

@@ -1,0 +1,91 @@
+# Report: figures for `snakemake --report` (cohort overview, score distributions, latent plane with the
+# density contours, thumbnails per site, image rulers per contrast) and, when the cohort sheet has a
+# `label` column, the evaluation of the flags against those manual ratings.
+
+
+rule report_figures:
+    input:
+        scores=rules.cohort_scores.output.parquet,
+        score_failures=rules.cohort_scores.output.failures,
+        volumes=rules.ingest.output.volumes,
+        ingest_failures=rules.ingest.output.failures,
+        flow=flow_files(),
+        model=model_files(),
+    output:
+        overview=report(
+            "results/report/cohort_overview.png",
+            caption="../report/cohort_overview.rst",
+            category="1. Cohort",
+        ),
+        distributions=report(
+            "results/report/score_distributions.png",
+            caption="../report/score_distributions.rst",
+            category="2. Scores",
+        ),
+        latent=report(
+            "results/report/latent_plane.png",
+            caption="../report/latent_plane.rst",
+            category="2. Scores",
+        ),
+        thumbnails=report(
+            directory("results/report/thumbnails"),
+            patterns=["{name}.png"],
+            caption="../report/thumbnails.rst",
+            category="3. Thumbnails",
+        ),
+        rulers=report(
+            directory("results/report/rulers"),
+            patterns=["{name}.png"],
+            caption="../report/rulers.rst",
+            category="4. Image rulers",
+        ),
+    params:
+        taus=config["flags"]["taus"],
+        threshold=config["flags"]["score_threshold"],
+        thumbnails=config["report"]["thumbnails"],
+        ruler=config["report"]["ruler"],
+        device=config["score"]["device"],
+    log:
+        "logs/report/figures.log",
+    threads: 1
+    resources:
+        mem_mb=config["report"]["mem_mb"],
+        runtime=config["report"]["runtime"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/report_figures.py"
+
+
+rule evaluate_labels:
+    input:
+        scores=rules.cohort_scores.output.parquet,
+    output:
+        table="results/report/label_metrics.parquet",
+        markdown=report(
+            "results/report/label_metrics.md",
+            caption="../report/label_metrics.rst",
+            category="5. Label evaluation",
+        ),
+        roc=report(
+            "results/report/label_roc.png",
+            caption="../report/label_roc.rst",
+            category="5. Label evaluation",
+        ),
+    params:
+        fail_values=config["labels"]["fail_values"],
+        pass_values=config["labels"]["pass_values"],
+        taus=config["flags"]["taus"],
+        threshold=config["flags"]["score_threshold"],
+        n_boot=config["labels"]["n_boot"],
+        seed=config["labels"]["seed"],
+    log:
+        "logs/report/evaluate_labels.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/evaluate_labels.py"

@@ -1,0 +1,23 @@
+"""Evaluate score > threshold, the tau flags and `flagged` against the cohort's manual labels."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from artifactqc import report, reporting, runlog
+
+log = runlog.to_file(snakemake.log[0])
+p = snakemake.params
+table, curves = reporting.evaluate_labels(
+    pd.read_parquet(snakemake.input.scores),
+    p.fail_values,
+    p.pass_values,
+    taus=p.taus,
+    threshold=p.threshold,
+    n_boot=p.n_boot,
+    seed=p.seed,
+)
+table.to_parquet(snakemake.output.table, index=False)
+Path(snakemake.output.markdown).write_text(reporting.label_markdown(table))
+report.plot_roc_curves(curves, snakemake.output.roc, title="Flags and score against the manual labels")
+log.info("label evaluation:\n%s", table.to_string())

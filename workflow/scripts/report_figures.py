@@ -1,0 +1,34 @@
+"""Report figures from the cohort tables, the density flow and the encoder."""
+
+import os
+
+import pandas as pd
+import torch
+
+from artifactqc import reporting, runlog
+
+log = runlog.to_file(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+ruler = snakemake.params.ruler
+paths = reporting.make_report_figures(
+    pd.read_parquet(snakemake.input.scores),
+    pd.read_parquet(snakemake.input.volumes),
+    reporting.failures_table(
+        pd.read_parquet(snakemake.input.ingest_failures), pd.read_parquet(snakemake.input.score_failures)
+    ),
+    os.path.dirname(snakemake.input.flow[0]),
+    os.path.dirname(snakemake.input.model[0]),
+    overview=snakemake.output.overview,
+    distributions=snakemake.output.distributions,
+    latent=snakemake.output.latent,
+    thumbnails_dir=snakemake.output.thumbnails,
+    rulers_dir=snakemake.output.rulers,
+    taus=snakemake.params.taus,
+    threshold=snakemake.params.threshold,
+    thumbnails_k=snakemake.params.thumbnails["k"],
+    ruler_artifacts=ruler["artifacts"],
+    ruler_severities=ruler["severities"],
+    seed=ruler["seed"],
+    device=snakemake.params.device,
+)
+log.info("report figures: %s", {k: len(v) for k, v in paths.items()})
