@@ -144,10 +144,18 @@ def write_run_record(status):
     )
 
 
+def has_labels():
+    """The cohort sheet carries manual ratings: the label evaluation joins the DAG."""
+    return bool((COHORT["label"].fillna("").astype(str).str.strip() != "").any())
+
+
 def final_targets():
     if COHORT.empty:
         return []
     targets = [rules.ingest.output.volumes, rules.ingest.output.failures]
     if scoring_enabled():
         targets += [rules.cohort_scores.output.parquet, rules.cohort_scores.output.tsv]
+        targets += list(rules.report_figures.output)
+        if has_labels():
+            targets += list(rules.evaluate_labels.output)
     return targets
