@@ -1,0 +1,133 @@
+# Training-data preprocessing (feeds encoder training only; scoring reads raw files).
+#
+#   checkpoint training_selection   volumes.parquet (ancient) -> results/training/selection.tsv
+#       which ingested volumes enter training (config `training`: include/exclude by site,
+#       contrast or id list). Written once and then frozen: a site added to the cohort later is
+#       not trained on (and nothing retrains) unless this file is deleted.
+#   rule n4          one selected volume -> results/preprocessed/n4/{volume_id}.nii.gz (+ bias field)
+#   rule superres    its N4 output -> results/preprocessed/final/{volume_id}.nii.gz, super-resolved to
+#                    an isotropic grid when the largest spacing exceeds the smallest by
+#                    preprocess.superres.ratio, else copied unchanged
+#   rule select_training   selection + every preprocessed file -> results/training/manifest.tsv
+#       (path = the preprocessed file): the manifest the training rule reads.
+
+
+def selected_volumes():
+    """The selection as a frame (after the checkpoint has run)."""
+    sel = checkpoints.training_selection.get().output[0]
+    return pd.read_csv(sel, sep="\t", dtype={"volume_id": str})
+
+
+def raw_volume_path(wildcards):
+    rows = selected_volumes()
+    match = rows.loc[rows["volume_id"] == wildcards.volume_id, "raw_path"]
+    if match.empty:
+        raise WorkflowError(f"{wildcards.volume_id} is not in the training selection")
+    return match.iloc[0]
+
+
+def preprocessed_volumes(wildcards):
+    """Every selected volume's final preprocessed file."""
+    return expand(rules.superres.output.volume, volume_id=selected_volumes()["volume_id"])
+
+
+VOLUME_ID_RE = r"[A-Za-z0-9_.-]+"
+
+
+checkpoint training_selection:
+    input:
+        volumes=ancient(rules.ingest.output.volumes),
+    output:
+        "results/training/selection.tsv",
+    params:
+        criteria={
+            "include_sites": config["training"]["include_sites"],
+            "exclude_sites": config["training"]["exclude_sites"],
+            "include_contrasts": config["training"]["include_contrasts"],
+            "exclude_contrasts": config["training"]["exclude_contrasts"],
+            "include_list": config["training"]["include_list"],
+            "exclude_list": config["training"]["exclude_list"],
+            "ratio": config["preprocess"]["superres"]["ratio"],
+        },
+    log:
+        "logs/training/selection.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/select_training.py"
+
+
+rule n4:
+    input:
+        raw_volume_path,
+    output:
+        volume="results/preprocessed/n4/{volume_id}.nii.gz",
+        bias="results/preprocessed/n4/{volume_id}_bias.nii.gz",
+    params:
+        settings={k: config["preprocess"]["n4"][k] for k in ("shrink_factor", "iters", "tol", "spline_distance_mm")},
+        mask_method=config["preprocess"]["n4"]["mask"],
+        max_mem_mb=config["ingest"]["max_mem_mb"],
+    wildcard_constraints:
+        volume_id=VOLUME_ID_RE,
+    log:
+        "logs/preprocessed/n4/{volume_id}.log",
+    benchmark:
+        "results/benchmarks/preprocessed/n4/{volume_id}.tsv"
+    threads: config["preprocess"]["n4"]["threads"]
+    resources:
+        mem_mb=config["preprocess"]["n4"]["mem_mb"],
+        runtime=config["preprocess"]["n4"]["runtime"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/n4.py"
+
+
+rule superres:
+    input:
+        rules.n4.output.volume,
+    output:
+        volume="results/preprocessed/final/{volume_id}.nii.gz",
+        summary="results/preprocessed/final/{volume_id}.json",
+    params:
+        ratio=config["preprocess"]["superres"]["ratio"],
+        settings={
+            k: config["preprocess"]["superres"][k]
+            for k in ("iterations", "patch_size", "batch_size", "channels", "n_layers", "lr", "profile", "seed", "device")
+        },
+        max_mem_mb=config["ingest"]["max_mem_mb"],
+    wildcard_constraints:
+        volume_id=VOLUME_ID_RE,
+    log:
+        "logs/preprocessed/superres/{volume_id}.log",
+    benchmark:
+        "results/benchmarks/preprocessed/superres/{volume_id}.tsv"
+    threads: config["preprocess"]["superres"]["threads"]
+    resources:
+        mem_mb=config["preprocess"]["superres"]["mem_mb"],
+        runtime=config["preprocess"]["superres"]["runtime"],
+        gpu=config["preprocess"]["superres"]["gpu"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/superres.py"
+
+
+rule select_training:
+    input:
+        selection="results/training/selection.tsv",
+        volumes=preprocessed_volumes,
+    output:
+        "results/training/manifest.tsv",
+    log:
+        "logs/training/manifest.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/select_training.py"

@@ -1,0 +1,14 @@
+"""N4 bias-field correction of one training volume."""
+
+from artifactqc import preprocess, runlog
+
+log = runlog.to_file(snakemake.log[0])
+summary = preprocess.n4_file(
+    snakemake.input[0],
+    snakemake.output.volume,
+    bias_path=snakemake.output.bias,
+    max_mem_mb=snakemake.params.max_mem_mb,
+    mask_method=snakemake.params.mask_method,
+    **snakemake.params.settings,
+)
+log.info("n4: %s", summary)
