@@ -4,7 +4,9 @@
   excluded/reviewed) with an explicit mapping; unmapped ratings become missing, never pass.
 * :func:`evaluate_flags` gives, for each boolean flag column, sensitivity, specificity and balanced
   accuracy, and for each continuous score column the AUROC (``sklearn.metrics.roc_auc_score``),
-  all with percentile bootstrap 95% CIs (stratified resampling of scans, fixed seed).
+  all with percentile bootstrap 95% CIs (stratified resampling of scans, fixed seed; the
+  resamples are handled as multiplicity vectors so 1000 resamples of 1000 scans take well under
+  a second). :func:`bootstrap_ci` is the generic, slow version for any statistic.
 * :func:`roc_curves` returns the ROC points for plotting.
 * :func:`compare_with_severity` is the analogue of Table 2 of Hays et al.: per artifact type and
   severity bin, mean ± sd of each metric, and Pearson and Spearman r of each metric with the
@@ -147,6 +149,54 @@ def bootstrap_ci(
     return point, float(lo), float(hi)
 
 
+def _stratified_counts(y: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Multiplicities of each positive (``C``, n_boot × n1) and negative (``D``, n_boot × n0) scan in
+    ``n_boot`` stratified bootstrap resamples (each class resampled with replacement to its size)."""
+    n1 = int(y.sum())
+    n0 = int(y.size - n1)
+    C = rng.multinomial(n1, np.full(n1, 1.0 / n1), size=n_boot).astype(np.float64)
+    D = rng.multinomial(n0, np.full(n0, 1.0 / n0), size=n_boot).astype(np.float64)
+    return C, D
+
+
+def auroc_weighted(x_pos: np.ndarray, x_neg: np.ndarray, C: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """AUROC of resamples given as multiplicities ``C`` (rows × n_pos) and ``D`` (rows × n_neg).
+
+    ``AUC = Σ_i Σ_j C_i D_j ([x_i > x_j] + ½[x_i = x_j]) / (Σ C · Σ D)``, computed with one sort
+    of the negatives and cumulative sums, so ``n_boot`` resamples cost O(n_boot · n) without
+    ranking each resample. Equals :func:`auroc` of the expanded resample (tested).
+    """
+    order = np.argsort(x_neg, kind="mergesort")
+    xs = x_neg[order]
+    cum = np.concatenate([np.zeros((D.shape[0], 1)), np.cumsum(D[:, order], axis=1)], axis=1)
+    left = np.searchsorted(xs, x_pos, side="left")
+    right = np.searchsorted(xs, x_pos, side="right")
+    below = cum[:, left]
+    ties = cum[:, right] - below
+    num = (C * (below + 0.5 * ties)).sum(axis=1)
+    return num / (C.sum(axis=1) * D.sum(axis=1))
+
+
+def _fast_cis(y: np.ndarray, x: np.ndarray, kind: str, n_boot: int, seed: int, alpha: float) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs (stratified) of AUROC and, for flags, sensitivity/specificity/BA."""
+    out: dict[str, tuple[float, float]] = {}
+    if n_boot <= 0 or y.all() or not y.any():
+        return out
+    rng = np.random.default_rng(seed)
+    C, D = _stratified_counts(y, n_boot, rng)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    xp, xn = x[y], x[~y]
+    vals = {"auroc": auroc_weighted(xp, xn, C, D)}
+    if kind == "flag":
+        sens = C @ xp.astype(bool).astype(np.float64) / C.sum(axis=1)
+        spec = D @ (~xn.astype(bool)).astype(np.float64) / D.sum(axis=1)
+        vals.update(sensitivity=sens, specificity=spec, balanced_accuracy=0.5 * (sens + spec))
+    for k, v in vals.items():
+        lo, hi = np.percentile(v, q)
+        out[k] = (float(lo), float(hi))
+    return out
+
+
 def evaluate_flags(
     df: pd.DataFrame,
     label_col: str = "fail",
@@ -173,13 +223,15 @@ def evaluate_flags(
             y = sub[label_col].astype(bool).to_numpy()
             x = sub[col].to_numpy(dtype=np.float64)
             row: dict = {"metric": col, "kind": kind, "n": int(y.size), "n_fail": int(y.sum())}
+            cis = _fast_cis(y, x, kind, n_boot, seed, alpha)
+            nan2 = (float("nan"), float("nan"))
             if kind == "flag":
-                xb = x.astype(bool)
-                for j, name in enumerate(("sensitivity", "specificity", "balanced_accuracy")):
-                    p, lo, hi = bootstrap_ci(lambda a, b, _n=name: sens_spec(a, b)[_n], y, xb, n_boot, seed, alpha)
-                    row.update({name: p, f"{name}_lo": lo, f"{name}_hi": hi})
-            _, lo, hi = bootstrap_ci(auroc_rank, y, x, n_boot, seed, alpha)
+                point = sens_spec(y, x.astype(bool))
+                for name in ("sensitivity", "specificity", "balanced_accuracy"):
+                    lo, hi = cis.get(name, nan2)
+                    row.update({name: point[name], f"{name}_lo": lo, f"{name}_hi": hi})
             p = auroc(y, x)  # point estimate from sklearn.metrics
+            lo, hi = cis.get("auroc", nan2)
             row.update(auroc=p, auroc_lo=lo, auroc_hi=hi)
             if np.isfinite(p) and p < 0.5:
                 row.update(auroc_oriented=1 - p, auroc_oriented_lo=1 - hi, auroc_oriented_hi=1 - lo, direction="low=fail")
