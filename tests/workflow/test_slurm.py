@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -44,8 +46,17 @@ RUN_TIMEOUT = 420  # seconds for one snakemake run on the cluster
 
 pytestmark = pytest.mark.slow
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_ingest_workflow import make_volume, write_sheet  # noqa: E402
+
+
+def write_sheet(workdir: Path, rows: list[dict]) -> None:
+    pd.DataFrame(rows).to_csv(workdir / "sheet.tsv", sep="\t", index=False)
+
+
+def make_volume(path: Path, seed: int) -> Path:
+    """A small random NIfTI volume (16 x 18 x 12, 1 x 1 x 1.5 mm)."""
+    data = np.random.default_rng(seed).normal(100, 20, size=(16, 18, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.5, 1.0])), str(path))
+    return path
 
 
 # --------------------------------------------------------------------------------------------
