@@ -102,14 +102,14 @@ def _slices(data_dir: Path, size: int = 128):
     return torch.cat(xs).clamp_min(0), torch.cat(ms)
 
 
-def _sweep_2d(data_dir: Path, seeds=(0, 1, 2)):
+def _sweep_2d(data_dir: Path, seeds=(0, 1, 2), types=None):
     import torch
 
     from artifactqc import simulate as S
 
     x, m = _slices(data_dir)
     res = {}
-    for a in S.ARTIFACTS:
+    for a in types or S.ARTIFACTS:
         j = S.ARTIFACTS.index(a)
         curves = []
         for val in GRIDS[a]:
@@ -167,21 +167,25 @@ def _write_calibration(cal3, cal2, source):
     path.write_text(new)
 
 
-def calibrate(data_dir: Path, workers: int):
+def calibrate(data_dir: Path, workers: int, types=None):
     from artifactqc import simulate as S
 
     d = S.TARGET_SSIM_DROP
-    jobs = [(str(data_dir), vi, rel, a) for a in S.ARTIFACTS for vi, rel in enumerate(VOLUMES)]
-    curves3 = {a: [None] * len(VOLUMES) for a in S.ARTIFACTS}
+    types = tuple(types or S.ARTIFACTS)
+    jobs = [(str(data_dir), vi, rel, a) for a in types for vi, rel in enumerate(VOLUMES)]
+    curves3 = {a: [None] * len(VOLUMES) for a in types}
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=workers) as ex:
         for a, vi, out in ex.map(_sweep_volume, jobs):
             curves3[a][vi] = out
             print(f"[{time.time() - t0:6.0f}s] 3D {a:10s} {VOLUMES[vi].split('/')[-1]:32s} {np.round(out, 3).tolist()}", flush=True)
-    c2 = _sweep_2d(data_dir)
+    c2 = _sweep_2d(data_dir, types=types)
     print(f"[{time.time() - t0:6.0f}s] 2D sweeps done", flush=True)
-    cal3, cal2, report = {}, {}, {"target_drop": d, "grids": GRIDS, "volumes": VOLUMES, "types": {}}
-    for a in S.ARTIFACTS:
+    cal3, cal2 = dict(S.CALIBRATION_3D), dict(S.CALIBRATION_2D)
+    report = {"target_drop": d, "grids": GRIDS, "volumes": VOLUMES, "types": {}}
+    if types != S.ARTIFACTS and (HERE / "calibration.json").is_file():  # partial re-calibration: merge
+        report["types"] = json.loads((HERE / "calibration.json").read_text())["types"]
+    for a in types:
         m3 = np.mean(np.array(curves3[a]), 0)
         m2 = c2[a].mean(0)
         cal3[a], clip3 = _invert(GRIDS[a], m3, d)
@@ -336,13 +340,14 @@ def main():
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the speed test")
+    ap.add_argument("--types", nargs="*", default=None, help="calibrate only these types (merge with the rest)")
     args = ap.parse_args()
     data_dir = Path(args.data).resolve()
     if args.mode != "speed" and not (data_dir / "MANIFEST.tsv").is_file():
         sys.exit(f"development data not found at {data_dir} (pass --data)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.mode == "calibrate":
-        calibrate(data_dir, args.workers)
+        calibrate(data_dir, args.workers, args.types)
     elif args.mode == "validate":
         validate(data_dir, args.workers)
     else:

@@ -72,20 +72,20 @@ SEVERITY_KNOTS = tuple(round(0.1 * i, 1) for i in range(11))
 # --- calibrated maps: severity knots -> physical parameter (written by benchmarks/simulate/run.py) ---------
 # BEGIN CALIBRATION (generated; do not edit by hand)
 CALIBRATION_3D = {
-    "noise": [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2],
-    "ghosting": [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5],
-    "bias": [0.0, 0.06, 0.12, 0.18, 0.24, 0.3, 0.36, 0.42, 0.48, 0.54, 0.6],
-    "anisotropy": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0],
-    "motion": [0.0, 0.6, 1.2, 1.8, 2.4, 3.0, 3.6, 4.2, 4.8, 5.4, 6.0],
+    "noise": [0.0, 0.01976, 0.02905, 0.03675, 0.04429, 0.05124, 0.05813, 0.06495, 0.07176, 0.07857, 0.08559],
+    "ghosting": [0.0, 0.16759, 0.2348, 0.29247, 0.33681, 0.37914, 0.41747, 0.45191, 0.48635, 0.51812, 0.54813],
+    "bias": [0.0, 0.15784, 0.2265, 0.28557, 0.33731, 0.38667, 0.43359, 0.47959, 0.52543, 0.57113, 0.6179],
+    "anisotropy": [1.0, 1.5954, 1.76633, 1.93726, 2.39773, 2.66038, 2.85194, 3.07422, 3.40106, 3.7279, 4.0658],
+    "motion": [0.0, 0.18939, 0.29359, 0.37919, 0.4648, 0.55258, 0.64189, 0.7312, 0.83481, 0.94223, 1.06955],
 }
 CALIBRATION_2D = {
-    "noise": [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2],
-    "ghosting": [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5],
-    "bias": [0.0, 0.06, 0.12, 0.18, 0.24, 0.3, 0.36, 0.42, 0.48, 0.54, 0.6],
-    "anisotropy": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0],
-    "motion": [0.0, 0.6, 1.2, 1.8, 2.4, 3.0, 3.6, 4.2, 4.8, 5.4, 6.0],
+    "noise": [0.0, 0.01548, 0.02335, 0.02992, 0.03561, 0.04129, 0.04691, 0.05243, 0.05795, 0.06364, 0.06943],
+    "ghosting": [0.0, 0.14576, 0.20881, 0.25771, 0.30521, 0.34376, 0.38231, 0.41794, 0.45109, 0.48425, 0.51583],
+    "bias": [0.0, 0.15619, 0.2237, 0.28111, 0.33202, 0.37975, 0.42548, 0.46974, 0.51386, 0.55767, 0.60158],
+    "anisotropy": [1.0, 1.61508, 1.78941, 1.96374, 2.42836, 2.6339, 2.78825, 2.9426, 3.17313, 3.44877, 3.72441],
+    "motion": [0.0, 0.33918, 0.51222, 0.63866, 0.76442, 0.8851, 1.00592, 1.12965, 1.25338, 1.37711, 1.50105],
 }
-CALIBRATION_SOURCE = "placeholder (uncalibrated)"
+CALIBRATION_SOURCE = "benchmarks/simulate/run.py calibrate (2026-11-23)"
 # END CALIBRATION
 
 _GHOST_MAX_INTENSITY = 1.5  # cap of TorchIO's ghosting intensity (every n-th line scaled by 1 - intensity)
@@ -217,11 +217,15 @@ def _fwhm_to_sigma(fwhm):
     return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
-def thick_slices_lastdim(x: torch.Tensor, factor: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def thick_slices_lastdim(
+    x: torch.Tensor, factor: torch.Tensor, offset: torch.Tensor, spacing: torch.Tensor | None = None
+) -> torch.Tensor:
     """Thick-slice acquisition along the last axis, then linear interpolation back to the grid.
 
-    ``x`` is [B, ..., L]; ``factor`` [B] (>= 1) is the slice thickness and spacing in voxels; ``offset`` [B]
-    the position of the first slice centre. The slice profile is Gaussian with FWHM = ``factor`` voxels, of
+    ``x`` is [B, ..., L]; ``factor`` [B] (>= 1) is the slice thickness in voxels; ``spacing`` [B] the distance
+    between slice centres (default ``floor(factor)``: slices touch or overlap slightly, and the slice
+    centres fall on voxel centres, so that the severity is continuous in ``factor``); ``offset`` [B] the
+    position of the first slice centre. The slice profile is Gaussian with FWHM = ``factor`` voxels, of
     which the native voxel's own FWHM (1 voxel) is removed (sigma_eff^2 = sigma(f)^2 - sigma(1)^2), so that
     ``factor == 1`` with ``offset == 0`` is the identity. Blurring is done in Fourier space (replicate padding).
     """
@@ -245,7 +249,7 @@ def thick_slices_lastdim(x: torch.Tensor, factor: torch.Tensor, offset: torch.Te
     # sample positions p_k = o + k f, then linear interpolation of those samples back to y = 0..L-1
     y = torch.arange(L, dtype=torch.float64)[None, :]
     o = offset.to(torch.float64)[:, None]
-    fk = f[:, None]
+    fk = (torch.floor(f) if spacing is None else spacing.to(torch.float64).clamp_min(1.0))[:, None]
     kmax = torch.floor((L - 1 - o) / fk).clamp_min(1.0)  # index of last sample (>= 1)
     u = (y - o) / fk
     i0 = torch.minimum(torch.floor(u).clamp_min(0.0), kmax - 1)
@@ -367,15 +371,18 @@ def _bias_3d(data, lstd, rng, spacing):
 def _anisotropy_3d(data, factor, rng, spacing):
     axis = int(rng.integers(0, 3))
     u = float(rng.random())
-    offset = u * (float(factor) - 1.0)
+    stride = math.floor(float(factor))
+    offset = math.floor(u * stride)
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, axis, -1)))[None]
-    out = thick_slices_lastdim(t, torch.tensor([float(factor)]), torch.tensor([offset]))[0].numpy()
+    out = thick_slices_lastdim(t, torch.tensor([float(factor)]), torch.tensor([float(offset)]))[0].numpy()
     out = np.moveaxis(out, -1, axis)
     params = {
         PARAM_NAMES["anisotropy"]: float(factor),
         "axis": axis,
         "offset_voxels": offset,
+        "slice_spacing_voxels": stride,
         "slice_thickness_mm": float(factor) * float(spacing[axis]),
+        "slice_spacing_mm": stride * float(spacing[axis]),
         "slice_profile": "gaussian, FWHM = thickness",
         "interpolation": "linear",
     }
@@ -689,7 +696,7 @@ def _bias_2d(x, lstd, g):
 def _anisotropy_2d(x, factor, g):
     b = x.shape[0]
     axis_last = _rand(b, g) < 0.5
-    offset = _rand(b, g) * (factor - 1.0)
+    offset = torch.floor(_rand(b, g) * torch.floor(factor))
     return _by_axis(thick_slices_lastdim, x, axis_last, factor, offset)
 
 
