@@ -318,3 +318,12 @@ def test_save_load_roundtrip_same_outputs(tmp_path):
         a, b = m(x), m2(x)
     for k in ("score", "severity_logits", "latent"):
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_percentile_from_counts_equals_numpy():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        v = rng.integers(0, 40, rng.integers(10, 200))
+        c = np.bincount(v, minlength=40)
+        for q in (1, 50, 99):
+            assert slices._percentile_from_counts(c, q) == pytest.approx(np.percentile(v, q), abs=1e-9)

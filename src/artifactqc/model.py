@@ -369,7 +369,7 @@ class TrainConfig:
 
 def demo_config(**overrides) -> dict:
     """Small, CPU-friendly settings: trains in well under 10 min on 2 cores."""
-    d = dict(epochs=30, steps_per_epoch=25, batch_size=24, patience=6, max_minutes=8.0, train_slices_per_axis=16,
+    d = dict(epochs=12, steps_per_epoch=25, batch_size=24, patience=6, max_minutes=9.0, train_slices_per_axis=16,
              val_slices=240)
     d.update(overrides)
     return d

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -78,6 +79,18 @@ def normalize(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.5, out=out)
 
 
+def _percentile_from_counts(counts: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation) of the integer values ``i`` repeated ``counts[i]``
+    times, without materialising them."""
+    cs = np.cumsum(counts)
+    n = int(cs[-1])
+    pos = q / 100.0 * (n - 1)
+    k0 = int(np.floor(pos))
+    v0 = float(np.searchsorted(cs, k0, side="right"))
+    v1 = float(np.searchsorted(cs, min(k0 + 1, n - 1), side="right"))
+    return v0 + (pos - k0) * (v1 - v0)
+
+
 def head_box_mm(norm: np.ndarray, zooms: np.ndarray, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Robust bounding box (mm, voxel-centre coordinates of the canonical grid) of the head.
 
@@ -85,15 +98,16 @@ def head_box_mm(norm: np.ndarray, zooms: np.ndarray, step: int = 1) -> tuple[np.
     percentile-scaled volume); the box spans the 1st–99th percentile of foreground coordinates.
     """
     sub = norm[::step, ::step, ::step]
-    idx = np.nonzero(sub > 0.1)
-    if idx[0].size < 10:
+    fg = sub > 0.1
+    n = int(fg.sum())
+    if n < 10:
         shape = np.asarray(norm.shape, dtype=np.float64)
         return np.zeros(3), (shape - 1) * zooms
     lo = np.empty(3)
     hi = np.empty(3)
     for a in range(3):
-        c = idx[a].astype(np.float64) * step
-        lo[a], hi[a] = np.percentile(c, [1, 99])
+        counts = fg.sum(axis=tuple(b for b in range(3) if b != a))
+        lo[a], hi[a] = (_percentile_from_counts(counts, q) * step for q in (1, 99))
     return lo * zooms, hi * zooms
 
 
@@ -126,8 +140,15 @@ def extract_from_array(
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {data.shape}")
-    data, affine = io.to_canonical(np.asarray(data, dtype=np.float32), affine)
-    zooms = io.voxel_sizes(affine)
+    data = np.asarray(data, dtype=np.float32)
+    # Canonical (RAS+) axis order as a *view*: transpose only, no copy. Axes that must be flipped to reach
+    # RAS+ are handled on the small outputs (slice order, image rows/columns), not on the volume, which
+    # makes the result identical to sampling ``io.to_canonical(data)`` without copying the volume.
+    ornt = nib.orientations.io_orientation(affine)
+    order = [int(np.nonzero(ornt[:, 0] == c)[0][0]) for c in range(3)]
+    flips = [bool(ornt[order[c], 1] < 0) for c in range(3)]
+    data = data.transpose(order)
+    zooms = io.voxel_sizes(affine)[order]
     lo, hi, step = robust_range(data, cfg.max_stats_voxels)
     sub = normalize(data[::step, ::step, ::step], lo, hi)
     box_lo, box_hi = head_box_mm(sub, zooms * step, 1)
@@ -135,7 +156,6 @@ def extract_from_array(
     centre = (box_lo + box_hi) / 2.0
     size = cfg.image_size
     offs = (np.arange(size) - (size - 1) / 2.0) * cfg.pixel_mm
-    vol = torch.from_numpy(data)
     outs = []
     planes = []
     for axis in range(3):
@@ -145,8 +165,13 @@ def extract_from_array(
         i0 = np.minimum(np.floor(idx).astype(np.int64), max(nax - 2, 0))
         w = torch.from_numpy((idx - i0).astype(np.float32))[:, None, None]
         i1 = np.minimum(i0 + 1, nax - 1)
-        p0 = vol.index_select(axis, torch.from_numpy(i0)).movedim(axis, 0)
-        p1 = vol.index_select(axis, torch.from_numpy(i1)).movedim(axis, 0)
+        # numpy gathers the few planes directly from any memory layout (torch.index_select and np.take are
+        # ~50x slower on the transposed, Fortran-ordered arrays nibabel returns: they copy the volume)
+        sel0 = [slice(None)] * 3
+        sel1 = [slice(None)] * 3
+        sel0[axis], sel1[axis] = i0, i1
+        p0 = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data[tuple(sel0)], axis, 0)))
+        p1 = torch.from_numpy(np.ascontiguousarray(np.moveaxis(data[tuple(sel1)], axis, 0)))
         pl = (p0 * (1 - w) + p1 * w - lo)[:, None]  # [n,1,Du,Dv], shifted so padding = lo
         # rows run along v (superior/anterior up), columns along u
         cu = (centre[u] + offs) / zooms[u]
@@ -156,15 +181,26 @@ def extract_from_array(
         # output [row r, col c]: v from row, u from col -> x (Dv index) varies with r, y (Du) with c
         grid = torch.stack(torch.broadcast_tensors(gx[:, None], gy[None, :]), dim=-1)
         with torch.no_grad():
-            outs.append(
-                torch.nn.functional.grid_sample(
-                    pl, grid[None].expand(pl.shape[0], size, size, 2), mode="bilinear",
-                    padding_mode="zeros", align_corners=True,
-                )[:, 0]
-            )
-        planes += [(axis, float(p)) for p in positions[axis]]
+            img = torch.nn.functional.grid_sample(
+                pl, grid[None].expand(pl.shape[0], size, size, 2), mode="bilinear",
+                padding_mode="zeros", align_corners=True,
+            )[:, 0]
+        pos = positions[axis]
+        if flips[axis]:  # canonical order of the slices and their canonical positions
+            img = img.flip(0)
+            pos = (nax - 1) * zooms[axis] - pos[::-1]
+        dims = [d for d, f in ((1, flips[v]), (2, flips[u])) if f]
+        if dims:
+            img = img.flip(dims)
+        outs.append(img)
+        planes += [(axis, float(p)) for p in pos]
     out = torch.cat(outs, 0)
     out = (out * (1.0 / (hi - lo))).clamp_(0.0, 1.5)
+    if any(flips):
+        box_lo, box_hi = (
+            np.where(flips, (np.asarray(data.shape) - 1) * zooms - box_hi, box_lo),
+            np.where(flips, (np.asarray(data.shape) - 1) * zooms - box_lo, box_hi),
+        )
     info = {
         "n_slices": int(out.shape[0]),
         "planes": planes,

@@ -1,0 +1,386 @@
+"""Encoder benchmark: train on a subset of ../shared/data, evaluate on held-out volumes.
+
+Steps (each writes into ``--out``, default ``benchmarks/encoder``):
+
+* ``train``   train the benchmark model (training subset below, whole volumes held out for validation
+              by the trainer) -> ``<out>/model/`` (encoder.safetensors + model.json, not committed).
+* ``quality`` simulate each artifact type at severities 0..1 onto held-out volumes (T1w, T2w, FLAIR),
+              score them -> Pearson r(SS, score), Spearman per type, argmax-head accuracy for SS >= 0.5.
+* ``robust``  clean volumes x1000 stored as int16, reoriented (axes permuted/flipped, consistent
+              affine) and resampled to 1.5 mm: score change vs the clean-score spread.
+* ``thick``   real thick-slice scans vs 3D scans of the same contrast.
+* ``speed``   seconds to score a 1 mm volume vs nibabel load time (same run), and model throughput vs a
+              re-implementation of the published architecture (224 x 224, no downsampling).
+* ``all``     everything after ``train``; writes ``results.json`` and ``results.md``.
+
+Usage: ``python benchmarks/encoder/run.py train [--minutes 20]``; ``python benchmarks/encoder/run.py all``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("bench.encoder")
+
+HELD_OUT = {  # never used for training or for the trainer's validation
+    "volumes/VolumeRenderingData/stroke_T1.nii.gz": "T1w",
+    "volumes/VolumeRenderingData/stroke_T2.nii.gz": "T2w",
+    "volumes/VolumeRenderingData/stroke_FLAIR.nii.gz": "FLAIR",
+    "volumes/NiChart_IXI/IXI296-HH-1970_T1.nii.gz": "T1w",
+    "volumes/NiChart_IXI/IXI316-HH-1862_T1.nii.gz": "T1w",
+    "volumes/NiChart_IXI/IXI329-HH-1908_T1.nii.gz": "T1w",
+    "volumes/NiChart_IXI/IXI334-HH-1907_T1.nii.gz": "T1w",
+}
+TEMPLATES = [
+    "templates/mricron_ch2.nii.gz",
+    "templates/mricron_ch2bet.nii.gz",
+    "templates/nilearn_mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "templates/spm12_avg152T1.nii.gz",
+    "templates/spm12_avg152T2.nii.gz",
+    "templates/spm12_avg152PD.nii.gz",
+    "templates/spm12_single_subj_T1.nii.gz",
+]
+OTHER_TRAIN = [
+    "volumes/niivue-images/chris_t1.nii.gz",
+    "volumes/VolumeRenderingData/seg3D_MR.nii.gz",
+    "volumes/niivue-demo-images/register_T1_head_ext2.nii.gz",
+]
+THICK = {  # real thick-slice scans -> contrast
+    "volumes/dcm_qa_decubitus/HFP/t1_fl2d_sag_2.nii.gz": "T1w",
+    "volumes/dcm_qa_decubitus/HFS/t1_fl2d_sag_3.nii.gz": "T1w",
+    "volumes/niivue-images/chris_PD.nii.gz": "PD",
+    "volumes/niivue-demo-images/register_T2w.nii.gz": "T2w",
+}
+THREE_D = {  # 3D scans of the same contrasts
+    "volumes/VolumeRenderingData/stroke_T1.nii.gz": "T1w",
+    "volumes/niivue-images/chris_t1.nii.gz": "T1w",
+    "volumes/VolumeRenderingData/seg3D_MR.nii.gz": "T1w",
+    "volumes/NiChart_IXI/IXI296-HH-1970_T1.nii.gz": "T1w",
+    "volumes/NiChart_IXI/IXI316-HH-1862_T1.nii.gz": "T1w",
+    "volumes/VolumeRenderingData/stroke_T2.nii.gz": "T2w",
+    "templates/spm12_avg152T2.nii.gz": "T2w",
+    "templates/spm12_avg152PD.nii.gz": "PD",
+}
+SPEED_1MM = [
+    "volumes/VolumeRenderingData/stroke_T1.nii.gz",
+    "volumes/VolumeRenderingData/seg3D_MR.nii.gz",
+    "volumes/niivue-images/chris_t1.nii.gz",
+]
+TYPES = ("noise", "ghosting", "bias", "anisotropy", "motion")
+HEAD_OF = {"noise": "noise", "ghosting": "ghosting", "bias": "bias", "anisotropy": "resolution", "motion": "motion"}
+
+
+def data_dir(arg: str | None) -> Path:
+    d = Path(arg) if arg else (REPO.parent / "shared" / "data")
+    if not (d / "MANIFEST.tsv").is_file():
+        sys.exit(f"development data not found at {d} (pass --data DIR); nothing to benchmark")
+    return d
+
+
+def training_list(data: Path) -> list[str]:
+    ixi = sorted(str(p) for p in (data / "volumes").glob("NiChart*/*.nii.gz"))
+    ixi = [p for p in ixi if str(Path(p).relative_to(data)) not in HELD_OUT]
+    return ixi + [str(data / t) for t in TEMPLATES + OTHER_TRAIN]
+
+
+def cmd_train(args, data: Path) -> dict:
+    from artifactqc.model import train_encoder
+
+    vols = training_list(data)
+    metrics = train_encoder(
+        vols, Path(args.out) / "model", val_fraction=0.15, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=0, device="auto", patience=args.patience, steps_per_epoch=args.steps,
+        train_slices_per_axis=16, val_slices=300, threads=args.threads, max_minutes=args.minutes,
+        model_id="bench-encoder",
+    )
+    return metrics
+
+
+def _score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
+    from artifactqc.score import aggregate, predict_slices
+    from artifactqc.slices import extract_from_array
+
+    s, info = extract_from_array(data, affine, model.slice_cfg)
+    return aggregate(predict_slices(model, s))
+
+
+def _canon_norm(path: Path):
+    from artifactqc import io
+
+    v = io.load_volume(path)
+    d, a = io.to_canonical(v.data, v.affine)
+    return io.normalize_intensity(d), a
+
+
+def cmd_quality(args, data: Path, model) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    from artifactqc import io
+    from artifactqc.simulate import simulate_volume
+
+    sevs = [float(s) for s in np.round(np.arange(0.0, 1.0001, args.sev_step), 2)]
+    rows = []
+    for k, (rel, contrast) in enumerate(list(HELD_OUT.items())[: args.max_volumes]):
+        d, a = _canon_norm(data / rel)
+        spacing = tuple(float(z) for z in io.voxel_sizes(a))
+        clean = _score_array(model, d, a)
+        rows.append({"volume": rel, "contrast": contrast, "artifact": "none", "severity": 0.0, **clean})
+        for t in TYPES:
+            for s in sevs:
+                if s == 0:
+                    continue
+                t0 = time.perf_counter()
+                corrupted, _ = simulate_volume(d, t, s, seed=1000 * k + int(100 * s), spacing=spacing)
+                r = _score_array(model, corrupted, a)
+                rows.append({"volume": rel, "contrast": contrast, "artifact": t, "severity": s, **r})
+                log.info("%s %s %.1f -> %.3f (%.1fs)", rel, t, s, r["score"], time.perf_counter() - t0)
+    ss = np.array([r["severity"] for r in rows])
+    sc = np.array([r["score"] for r in rows])
+    res = {"n": len(rows), "severities": sevs, "pearson_overall": float(pearsonr(ss, sc).statistic)}
+    per_type = {}
+    for t in TYPES:
+        m = np.array([r["artifact"] in (t, "none") for r in rows])
+        per_type[t] = float(spearmanr(ss[m], sc[m]).statistic)
+    res["spearman_by_type"] = per_type
+    per_contrast = {}
+    for c in sorted(set(HELD_OUT.values())):
+        m = np.array([r["contrast"] == c for r in rows])
+        per_contrast[c] = float(pearsonr(ss[m], sc[m]).statistic)
+    res["pearson_by_contrast"] = per_contrast
+    hi = [r for r in rows if r["artifact"] != "none" and r["severity"] >= 0.5]
+    heads = ["noise", "ghosting", "motion", "bias", "resolution"]
+    correct = [heads[int(np.argmax([r[f"severity_{h}"] for h in heads]))] == HEAD_OF[r["artifact"]] for r in hi]
+    res["argmax_accuracy_ss_ge_0.5"] = float(np.mean(correct))
+    res["argmax_accuracy_by_type"] = {
+        t: float(np.mean([c for c, r in zip(correct, hi) if r["artifact"] == t])) for t in TYPES
+    }
+    res["clean_scores"] = {r["volume"]: r["score"] for r in rows if r["artifact"] == "none"}
+    res["score_at_0.5_by_type"] = {
+        t: float(np.mean([r["score"] for r in rows if r["artifact"] == t and abs(r["severity"] - 0.5) < 0.06]))
+        for t in TYPES
+    }
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(Path(args.out) / "quality_rows.tsv", sep="\t", index=False, float_format="%.4f")
+    return res
+
+
+def _resample(data: np.ndarray, affine: np.ndarray, new_mm: float):
+    from scipy.ndimage import affine_transform
+
+    from artifactqc import io
+
+    old = io.voxel_sizes(affine)
+    shape = np.maximum(1, np.round(np.array(data.shape) * old / new_mm)).astype(int)
+    scale = new_mm / old
+    out = affine_transform(data, np.diag(scale), output_shape=tuple(shape), order=1, mode="nearest")
+    new_aff = affine.copy()
+    new_aff[:3, :3] = affine[:3, :3] @ np.diag(scale)
+    return out.astype(np.float32), new_aff
+
+
+def _reorient(data: np.ndarray, affine: np.ndarray):
+    """Permute axes (0,1,2)->(1,2,0) and flip the new first axis; affine updated consistently."""
+    perm = (1, 2, 0)
+    t = np.transpose(data, perm)
+    aff = affine.copy()
+    aff[:3, :3] = affine[:3, :3][:, list(perm)]
+    # flip stored axis 0
+    n = t.shape[0]
+    t = t[::-1]
+    flip = np.eye(4)
+    flip[0, 0] = -1
+    flip[0, 3] = n - 1
+    return np.ascontiguousarray(t), aff @ flip
+
+
+def cmd_robust(args, data: Path, model) -> dict:
+    from artifactqc import io
+
+    vols = list(dict.fromkeys([*HELD_OUT, *[p for p, c in THREE_D.items() if p not in HELD_OUT]]))[: args.max_volumes]
+    rows = []
+    for rel in vols:
+        v = io.load_volume(data / rel)
+        base = _score_array(model, v.data, v.affine)["score"]
+        scaled = np.round(v.data / max(float(v.data.max()), 1e-6) * 30.0 * 1000.0).astype(np.int16).astype(np.float32)
+        s_int = _score_array(model, scaled, v.affine)["score"]
+        rd, ra = _reorient(v.data, v.affine)
+        s_re = _score_array(model, rd, ra)["score"]
+        r15d, r15a = _resample(v.data, v.affine, 1.5)
+        s_15 = _score_array(model, r15d, r15a)["score"]
+        rows.append({"volume": rel, "clean": base, "int16_x1000": s_int, "reoriented": s_re, "resampled_1.5mm": s_15})
+        log.info("robust %s %s", rel, {k: round(v, 3) for k, v in rows[-1].items() if k != "volume"})
+    clean = np.array([r["clean"] for r in rows])
+    spread_sd = float(clean.std(ddof=1))
+    spread_range = float(clean.max() - clean.min())
+    out = {"clean_score_sd": spread_sd, "clean_score_range": spread_range, "rows": rows}
+    for k in ("int16_x1000", "reoriented", "resampled_1.5mm"):
+        d = np.array([abs(r[k] - r["clean"]) for r in rows])
+        out[f"max_abs_change_{k}"] = float(d.max())
+        out[f"max_change_over_sd_{k}"] = float(d.max() / spread_sd)
+        out[f"max_change_over_range_{k}"] = float(d.max() / spread_range)
+    return out
+
+
+def cmd_thick(args, data: Path, model) -> dict:
+    from artifactqc.score import score_volumes
+
+    paths = [str(data / p) for p in [*THICK, *THREE_D]]
+    df = score_volumes(model, paths)
+    df["rel"] = [str(Path(p).relative_to(data)) for p in df["path"]]
+    res = {"rows": df[["rel", "score", "severity_resolution"]].to_dict("records"), "comparisons": []}
+    for rel, c in THICK.items():
+        s = float(df.loc[df.rel == rel, "score"].iloc[0])
+        same = df[df.rel.isin([p for p, cc in THREE_D.items() if cc == c])]
+        res["comparisons"].append(
+            {"thick": rel, "contrast": c, "score": s, "max_3d_score": float(same["score"].max()),
+             "above_all_3d": bool(s > same["score"].max())}
+        )
+    res["all_above"] = all(c["above_all_3d"] for c in res["comparisons"])
+    return res
+
+
+def cmd_speed(args, data: Path, model) -> dict:
+    from artifactqc.model import PublishedEncoder
+    from artifactqc.score import score_volume
+    from artifactqc.slices import extract_slices
+
+    torch.set_num_threads(args.threads)
+    res = {"threads": args.threads, "volumes": []}
+    for rel in SPEED_1MM:
+        p = data / rel
+        loads, scores = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+            loads.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            score_volume(model, p)
+            scores.append(time.perf_counter() - t0)
+        res["volumes"].append({"volume": rel, "nibabel_load_s": float(np.median(loads)),
+                               "score_s": float(np.median(scores)),
+                               "ratio": float(np.median(scores) / np.median(loads))})
+    # model throughput on the same slices: ours at its input size, the published network at 224 x 224
+    s, _ = extract_slices(data / SPEED_1MM[0], model.slice_cfg)
+    x = torch.from_numpy(s)[:, None]
+    x224 = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    pub = PublishedEncoder().eval()
+
+    def rate(m, inp, reps):
+        with torch.inference_mode():
+            m(inp[:4])
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                m(inp)
+            return reps * len(inp) / (time.perf_counter() - t0)
+
+    ours = rate(model, x, args.repeats)
+    theirs = rate(pub, x224, 1)
+    res["slices_per_volume"] = int(len(x))
+    res["ours_slices_per_s"] = ours
+    res["published_224_slices_per_s"] = theirs
+    res["throughput_ratio"] = ours / theirs
+    return res
+
+
+def write_md(out: Path, res: dict) -> None:
+    L = ["# Encoder benchmark results", ""]
+    L.append("Measured on a shared, heavily loaded 2-core machine (other engineers' jobs running); "
+             "speeds are indicative. Reproduce: see README.md.")
+    L.append("")
+    if "train" in res:
+        t = res["train"]
+        L += ["## Training", "", f"- best epoch {t.get('best_epoch')} of {t.get('epochs_run')} "
+              f"({t.get('stop_reason')}), {t.get('train_seconds', 0) / 60:.1f} min", ""]
+    if "quality" in res:
+        q = res["quality"]
+        L += ["## Quality (held-out volumes, simulated artifacts)", "",
+              f"- volumes: {', '.join(HELD_OUT)}",
+              f"- Pearson r(SS, score) overall: **{q['pearson_overall']:.3f}** (target >= 0.92); n = {q['n']}",
+              "- Spearman by type: " + ", ".join(f"{k} {v:.3f}" for k, v in q["spearman_by_type"].items())
+              + " (target >= 0.9)",
+              "- Pearson by contrast: " + ", ".join(f"{k} {v:.3f}" for k, v in q["pearson_by_contrast"].items()),
+              f"- argmax-head accuracy for SS >= 0.5: **{q['argmax_accuracy_ss_ge_0.5']:.3f}** (target >= 0.85); "
+              "by type: " + ", ".join(f"{k} {v:.2f}" for k, v in q["argmax_accuracy_by_type"].items()),
+              "- mean score at SS 0.5 by type: " + ", ".join(f"{k} {v:.2f}" for k, v in q["score_at_0.5_by_type"].items()),
+              ""]
+    if "robust" in res:
+        r = res["robust"]
+        L += ["## Robustness (clean volumes)", "",
+              f"- clean-score spread: sd {r['clean_score_sd']:.3f}, range {r['clean_score_range']:.3f}"]
+        for k in ("int16_x1000", "reoriented", "resampled_1.5mm"):
+            L.append(f"- {k}: max |change| {r[f'max_abs_change_{k}']:.3f} = {r[f'max_change_over_sd_{k}']:.2f} sd "
+                     f"= {r[f'max_change_over_range_{k}']:.2f} range (target < 0.25)")
+        L.append("")
+    if "thick" in res:
+        th = res["thick"]
+        L += ["## Real thick-slice scans vs 3D scans", ""]
+        for c in th["comparisons"]:
+            L.append(f"- {c['thick']} ({c['contrast']}): {c['score']:.3f} vs max 3D {c['max_3d_score']:.3f} -> "
+                     f"{'above' if c['above_all_3d'] else 'NOT above'}")
+        L.append("")
+    if "speed" in res:
+        s = res["speed"]
+        L += ["## Speed", ""]
+        for v in s["volumes"]:
+            L.append(f"- {v['volume']}: nibabel load {v['nibabel_load_s'] * 1000:.0f} ms, score "
+                     f"{v['score_s'] * 1000:.0f} ms, ratio {v['ratio']:.2f} (target <= 2)")
+        L.append(f"- model throughput ({s['slices_per_volume']} slices/volume): ours {s['ours_slices_per_s']:.0f} "
+                 f"slices/s vs published 224x224 {s['published_224_slices_per_s']:.1f} slices/s -> "
+                 f"{s['throughput_ratio']:.1f}x (target >= 10)")
+    (out / "results.md").write_text("\n".join(L) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["train", "quality", "robust", "thick", "speed", "all"])
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--out", default=str(HERE))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--patience", type=int, default=10)
+    ap.add_argument("--sev-step", type=float, default=0.2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-volumes", type=int, default=None, help="debug: fewer volumes")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    data = data_dir(args.data)
+    out = Path(args.out)
+    res_path = out / "results.json"
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    if args.step == "train":
+        m = cmd_train(args, data)
+        res["train"] = {k: v for k, v in m.items() if k != "final"} | {"final_epoch_metrics": m.get("final")}
+    else:
+        from artifactqc.model import load_model
+
+        model = load_model(out / "model", device="cpu")
+        steps = ["quality", "robust", "thick", "speed"] if args.step == "all" else [args.step]
+        for st in steps:
+            t0 = time.perf_counter()
+            res[st] = globals()[f"cmd_{st}"](args, data, model)
+            log.info("%s done in %.0f s", st, time.perf_counter() - t0)
+            res_path.write_text(json.dumps(res, indent=2))
+    res_path.write_text(json.dumps(res, indent=2))
+    write_md(out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
