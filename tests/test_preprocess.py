@@ -163,7 +163,7 @@ def test_n4_file_keeps_affine_and_header(tmp_path):
 
 # ----------------------------------------------------------------------------- super-resolution
 
-_TINY = dict(iterations=120, patch_size=24, batch_size=8, channels=16, n_layers=4, threads=1, seed=3)
+_TINY = dict(iterations=200, patch_size=24, batch_size=8, channels=16, n_layers=4, threads=1, seed=3)
 
 
 def test_superres_grid_affine_and_quality_beats_cubic():
