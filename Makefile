@@ -22,6 +22,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(SNAKEMAKE) --configfile config/demo.yaml --cores $(CORES)
+	$(SNAKEMAKE) --configfile config/demo.yaml --report results/report.zip
 
 # pytest exits 5 when it collected no tests: that is a failure here, like any non-zero exit.
 test: venv

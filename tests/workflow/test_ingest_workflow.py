@@ -37,9 +37,9 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
     return res
 
 
-def planned_jobs(workdir: Path) -> list[tuple[str, str]]:
+def planned_jobs(workdir: Path, *args: str) -> list[tuple[str, str]]:
     """(rule, wildcards) of every job a dry-run would execute."""
-    res = run_snakemake(workdir, "-n")
+    res = run_snakemake(workdir, "-n", *args)
     jobs, rule = [], None
     for line in (res.stdout + res.stderr).splitlines():
         m = re.match(r"^(?:local)?rule (\w+):", line)

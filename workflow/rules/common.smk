@@ -123,6 +123,41 @@ def scoring_config_sha256():
     return aq_prov.config_sha256({k: config[k] for k in ("model", "score", "flow", "flags")})
 
 
+# --- training data (preprocess.smk, train.smk) -------------------------------------------------
+
+def selected_volumes():
+    """The selection as a frame (after the checkpoint has run)."""
+    sel = checkpoints.training_selection.get().output[0]
+    return pd.read_csv(sel, sep="\t", dtype={"volume_id": str})
+
+
+def raw_volume_path(wildcards):
+    rows = selected_volumes()
+    match = rows.loc[rows["volume_id"] == wildcards.volume_id, "raw_path"]
+    if match.empty:
+        raise WorkflowError(f"{wildcards.volume_id} is not in the training selection")
+    return match.iloc[0]
+
+
+def preprocessed_volumes(wildcards):
+    """Every selected volume's final preprocessed file."""
+    return expand(rules.superres.output.volume, volume_id=selected_volumes()["volume_id"])
+
+
+TRAINING_VOLUME_ID = r"[A-Za-z0-9_.-]+"
+
+
+def training_manifest():
+    """The frozen training manifest (ancient: a growing cohort never retrains the encoder)."""
+    return ancient(rules.select_training.output[0])
+
+
+def train_overrides():
+    """Training settings from config that override the model's defaults (null = default)."""
+    keys = ("epochs", "batch_size", "lr", "patience", "max_minutes")
+    return {k: config["train"][k] for k in keys if config["train"][k] is not None}
+
+
 # --- run provenance ----------------------------------------------------------------------------
 
 RUN_STARTED = datetime.now(timezone.utc)

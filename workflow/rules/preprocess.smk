@@ -12,28 +12,6 @@
 #       (path = the preprocessed file): the manifest the training rule reads.
 
 
-def selected_volumes():
-    """The selection as a frame (after the checkpoint has run)."""
-    sel = checkpoints.training_selection.get().output[0]
-    return pd.read_csv(sel, sep="\t", dtype={"volume_id": str})
-
-
-def raw_volume_path(wildcards):
-    rows = selected_volumes()
-    match = rows.loc[rows["volume_id"] == wildcards.volume_id, "raw_path"]
-    if match.empty:
-        raise WorkflowError(f"{wildcards.volume_id} is not in the training selection")
-    return match.iloc[0]
-
-
-def preprocessed_volumes(wildcards):
-    """Every selected volume's final preprocessed file."""
-    return expand(rules.superres.output.volume, volume_id=selected_volumes()["volume_id"])
-
-
-VOLUME_ID_RE = r"[A-Za-z0-9_.-]+"
-
-
 checkpoint training_selection:
     input:
         volumes=ancient(rules.ingest.output.volumes),
@@ -71,7 +49,7 @@ rule n4:
         mask_method=config["preprocess"]["n4"]["mask"],
         max_mem_mb=config["ingest"]["max_mem_mb"],
     wildcard_constraints:
-        volume_id=VOLUME_ID_RE,
+        volume_id=TRAINING_VOLUME_ID,
     log:
         "logs/preprocessed/n4/{volume_id}.log",
     benchmark:
@@ -100,7 +78,7 @@ rule superres:
         },
         max_mem_mb=config["ingest"]["max_mem_mb"],
     wildcard_constraints:
-        volume_id=VOLUME_ID_RE,
+        volume_id=TRAINING_VOLUME_ID,
     log:
         "logs/preprocessed/superres/{volume_id}.log",
     benchmark:

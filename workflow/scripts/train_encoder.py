@@ -1,5 +1,7 @@
 """Train the artifact encoder on the training manifest (or the ok rows of the ingested volumes)."""
 
+import os
+
 from artifactqc import runlog
 from artifactqc.model import train_from_cli
 
@@ -7,7 +9,7 @@ log = runlog.to_file(snakemake.log[0])
 metrics = train_from_cli(
     [],
     snakemake.input.manifest,
-    snakemake.params.out_dir,
+    os.path.dirname(snakemake.output.weights),
     demo=snakemake.params.demo,
     seed=snakemake.params.seed,
     device=snakemake.params.device,
