@@ -654,9 +654,9 @@ def _ghost_lastdim(x, amp, n):
     hit = (torch.remainder(lines, n[:, None]) == 0).to(torch.float64)
     mult = 1.0 - intensity[:, None] * hit
     mult[:, L // 2] = 1.0  # keep the central line (TorchIO restore=None)
-    k = torch.fft.fftshift(torch.fft.fft(x, dim=-1), dim=-1)  # line masks along PE only: 1D FFT suffices
-    k = k * mult.to(x.dtype)[:, None, None, :]
-    return torch.fft.ifft(torch.fft.ifftshift(k, dim=-1), dim=-1).abs()
+    # line masks along PE only: a 1D FFT suffices; the mask (centred order) is shifted instead of the spectrum
+    k = torch.fft.fft(x, dim=-1) * torch.fft.ifftshift(mult, dim=-1).to(x.dtype)[:, None, None, :]
+    return torch.fft.ifft(k, dim=-1).abs()
 
 
 def _ghosting_2d(x, amp, g):
@@ -765,13 +765,29 @@ def _motion_lastdim(x, rms, times, theta_dir, t_dir):
     bi, si = need.nonzero(as_tuple=True)
     moved = x.expand(b, _N_SEG, H, W).clone()
     if len(bi):
-        grid = F.affine_grid(theta[bi, si].to(x.dtype), [len(bi), 1, H, W], align_corners=False)
+        grid = _affine_grid(theta[bi, si].to(x.dtype), H, W)
         moved[bi, si] = F.grid_sample(x[bi], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-    # the segment masks depend only on the PE coordinate, so the readout FFT cancels: 1D FFTs along PE suffice
-    k = torch.fft.fftshift(torch.fft.fft(moved, dim=-1), dim=-1)  # [B, S, H, L]
-    sel = F.one_hot(seg, _N_SEG).permute(0, 2, 1).to(k.real.dtype)  # [B, S, L]
-    kk = (k * sel[:, :, None, :]).sum(1, keepdim=True)
-    return torch.fft.ifft(torch.fft.ifftshift(kk, dim=-1), dim=-1).abs().to(x.dtype)
+    # the segment masks depend only on the PE coordinate, so the readout FFT cancels: 1D FFTs along PE suffice;
+    # segments are defined in centred k-space order, so shift the line labels instead of the spectra
+    k = torch.fft.fft(moved, dim=-1)  # [B, S, H, L]
+    seg_u = torch.fft.ifftshift(seg, dim=-1)  # segment of each line in FFT order
+    kk = torch.gather(torch.view_as_real(k), 1, seg_u[:, None, None, :, None].expand(b, 1, H, L, 2))
+    return torch.fft.ifft(torch.view_as_complex(kk.contiguous()), dim=-1).abs().to(x.dtype)
+
+
+_BASE_GRIDS: dict = {}
+
+
+def _affine_grid(theta: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Same as ``F.affine_grid(theta, [N, 1, H, W], align_corners=False)`` via one batched matmul."""
+    key = (H, W, theta.dtype)
+    if key not in _BASE_GRIDS:
+        xs = (torch.arange(W, dtype=theta.dtype) * 2 + 1) / W - 1
+        ys = (torch.arange(H, dtype=theta.dtype) * 2 + 1) / H - 1
+        base = torch.stack([xs[None, :].expand(H, W), ys[:, None].expand(H, W), torch.ones(H, W, dtype=theta.dtype)], -1)
+        _BASE_GRIDS[key] = base.reshape(1, H * W, 3)
+    base = _BASE_GRIDS[key]
+    return torch.matmul(base, theta.transpose(1, 2)).reshape(-1, H, W, 2)
 
 
 def _motion_2d(x, rms, g):
