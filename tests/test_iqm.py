@@ -69,6 +69,7 @@ def test_wm2max_and_qi1_hand():
     art = np.zeros((4, 4, 4), bool)
     art[3, 0, :2] = True  # 2 voxels
     assert iqm.art_qi1(air, art) == pytest.approx(2 / 34)
+    assert iqm.art_qi1(np.zeros_like(air), art) == -1.0  # no air: undefined, MRIQC's sentinel
 
 
 def test_volume_fraction_hand():
@@ -182,3 +183,14 @@ def test_iqm_table_bad_file_is_failed_row(tmp_path):
     df = iqm.iqm_table([bad, tmp_path / "missing.nii.gz"], "T1w")
     assert list(df["status"]) == ["failed", "failed"]
     assert list(df["error_type"]) == ["not_nifti", "missing_file"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_t1_plausible(shared_data):
+    """One real 2 mm T1w: tissue order and IQM ranges plausible (values of MRIQC on good T1w scans)."""
+    out = iqm.compute_iqms(shared_data / "volumes/NiChart/IXI012-HH-1211_T1.nii.gz", "T1w")
+    assert out["summary_csf_median"] < out["summary_gm_median"] < out["summary_wm_median"]
+    assert 0.2 < out["cjv"] < 1.0 and out["cnr"] > 1.0
+    assert 0.3 < out["efc"] < 0.9 and 0.9 < out["inu_med"] < 1.1
+    assert abs(sum(out[f"icvs_{t}"] for t in iqm.TISSUES) - 1) < 1e-6

@@ -209,12 +209,13 @@ def art_qi1(airmask: np.ndarray, artmask: np.ndarray) -> float:
     r"""Mortamet et al. (2009) QI1 (MRIQC ``art_qi1``): artifact voxels / (air + artifact voxels).
 
     ``airmask`` is the artifact-free air, ``artmask`` the artifact voxels found in the air (see
-    :func:`artifact_mask`). Lower is better.
+    :func:`artifact_mask`). Returns -1 when the air mask is empty (e.g. skull-stripped or
+    zero-filled background), as MRIQC does. Lower is better.
     """
     a = float(np.count_nonzero(airmask))
     b = float(np.count_nonzero(artmask))
-    if a + b == 0:
-        return 0.0
+    if a < 1:
+        return -1.0
     return b / (a + b)
 
 
