@@ -105,7 +105,8 @@ def plot_rulers(scores: pd.DataFrame, model_dir, out_dir, artifacts: Iterable[st
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir, device=device)
     paths = []
-    for contrast in sorted(scores["contrast"].dropna().astype(str).unique()):
+    ok = scores[scores["status"].astype(str) == "ok"]
+    for contrast in sorted(c for c in ok["contrast"].dropna().astype(str).unique() if c):
         ref = ruler_reference(scores, contrast, flag_col)
         if ref is None:
             log.info("ruler %s: no ok volume, skipped", contrast)

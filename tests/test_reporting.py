@@ -1,0 +1,99 @@
+"""artifactqc.reporting: rulers on the cohort's score scale, rating mapping, failure tables."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from artifactqc import reporting
+from artifactqc.model import ArtifactEncoder, EncoderConfig, load_model, save_model
+from artifactqc.score import score_volume
+from artifactqc.slices import SliceConfig, extract_slices
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(1)
+    m = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
+    out = tmp_path_factory.mktemp("model")
+    save_model(m, out, SliceConfig(image_size=32, pixel_mm=3.0, slices_per_axis=3), {"model_id": "t"})
+    return load_model(out, device="cpu")
+
+
+@pytest.fixture()
+def head(tmp_path):
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 44, 36)], indexing="ij"))
+    r = np.sqrt((g**2).sum(0))
+    data = (np.where(r < 0.8, 100 + 40 * np.cos(6 * g[0]) * np.sin(5 * g[1]), 0)
+            + np.random.default_rng(0).normal(0, 2, r.shape)).astype(np.float32)
+    p = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), str(p))
+    return p
+
+
+def test_ruler_rung_zero_is_the_cohort_score_and_image(model, head):
+    torch.set_num_threads(1)
+    rungs = reporting.ruler_rungs(model, head, "noise", severities=(0.0, 0.5, 1.0), seed=3)
+    assert [r[0] for r in rungs] == [0.0, 0.5, 1.0]
+    # severity 0 leaves the slices unchanged: its score is the score the cohort table gets for the file
+    assert rungs[0][2] == pytest.approx(score_volume(model, head)["score"], abs=1e-6)
+    sl, _ = extract_slices(head, model.slice_cfg)
+    axial_mid = sl[2 * 3 + 1]
+    np.testing.assert_allclose(np.rot90(rungs[0][1]), np.clip(axial_mid, 0, 1), atol=1e-6)
+    # higher severity: more noise in the displayed slice (same seed for every rung)
+    diffs = [np.abs(r[1] - rungs[0][1]).mean() for r in rungs]
+    assert diffs[0] == 0 and 0 < diffs[1] < diffs[2]
+    again = reporting.ruler_rungs(model, head, "noise", severities=(0.5,), seed=3)
+    np.testing.assert_array_equal(again[0][1], rungs[1][1])
+
+
+def test_ruler_reference_prefers_unflagged_lowest_score():
+    s = pd.DataFrame({"volume_id": list("abcde"), "contrast": ["T1w"] * 4 + ["T2w"],
+                      "status": ["ok", "ok", "ok", "failed", "ok"], "score": [0.3, 0.1, 0.5, np.nan, 2.0],
+                      "flagged": [False, True, False, False, True]})
+    assert reporting.ruler_reference(s, "T1w")["volume_id"] == "a"
+    assert reporting.ruler_reference(s, "T2w")["volume_id"] == "e"  # all flagged: still a reference
+    assert reporting.ruler_reference(s, "FLAIR") is None
+
+
+def test_label_frame_mapping_and_flags():
+    s = pd.DataFrame({"volume_id": list("abcdef"), "status": ["ok"] * 5 + ["failed"],
+                      "label": ["FAIL", "-1", "1", "maybe", "", "fail"], "score": [1.5, 0.2, 0.9, 3.0, 0.1, np.nan],
+                      "flag_tau5": [True, False, False, True, False, False], "flagged": [True, False, True, True, False, False]})
+    df, flags = reporting.label_frame(s, ["fail", -1, "0"], ["pass", 1], taus=(5, 3), threshold=1.0)
+    assert flags == ["score>1", "flag_tau5", "flagged"]  # flag_tau3 not in the table
+    assert list(df["volume_id"]) == ["a", "b", "c"]
+    assert list(df["fail"]) == [True, True, False]
+    assert list(df["score>1"]) == [True, False, False]
+    with pytest.raises(ValueError, match="both fail and pass"):
+        reporting.rating_mapping(["fail", "0"], ["0"])
+
+
+def test_evaluate_labels_matches_hand_counts():
+    rng = np.random.default_rng(0)
+    n = 40
+    fail = rng.random(n) < 0.3
+    score = np.where(fail, 1.4, 0.6) + rng.normal(0, 0.5, n)
+    s = pd.DataFrame({"volume_id": [f"v{i}" for i in range(n)], "status": "ok", "label": np.where(fail, "fail", "pass"),
+                      "score": score, "flag_tau5": rng.random(n) < 0.2, "flagged": score > 1.2})
+    table, curves = reporting.evaluate_labels(s, ["fail"], ["pass"], taus=(5,), n_boot=30)
+    row = table.set_index("metric").loc["score>1"]
+    pred = score > 1
+    assert row["sensitivity"] == pytest.approx((pred & fail).sum() / fail.sum())
+    assert row["specificity"] == pytest.approx((~pred & ~fail).sum() / (~fail).sum())
+    assert table.set_index("metric").loc["score", "auroc"] == pytest.approx(
+        np.mean([a > b for a in score[fail] for b in score[~fail]]))
+    assert set(curves) == {"score>1", "flag_tau5", "flagged", "score"}
+    md = reporting.label_markdown(table)
+    assert md.count("\n| ") == 1 + len(table)
+
+
+def test_failures_table_concatenates_stages():
+    ing = pd.DataFrame({"volume_id": ["x"], "path": ["p"], "stage": ["ingest"], "error_type": ["truncated"], "message": ["m"]})
+    sc = pd.DataFrame({"volume_id": ["y"], "path": ["q"], "stage": ["score"], "error_type": ["nan"], "message": ["m"]})
+    f = reporting.failures_table(ing, sc, ing.iloc[:0], ing)
+    assert sorted(f["volume_id"]) == ["x", "y"]
+    assert len(reporting.failures_table()) == 0

@@ -1,0 +1,118 @@
+"""End-to-end report stage: figures, label evaluation and `snakemake --report` on a tiny generated cohort.
+
+The encoder is randomly initialised (saved through the real checkpoint code): the test is about the
+stage's plumbing (every figure written and non-blank, the label table's rows and counts matching the
+sheet), not about score quality.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
+from artifactqc.slices import SliceConfig
+
+from .test_ingest_workflow import REPO, make_volume, run_snakemake, write_sheet
+
+pytestmark = pytest.mark.slow
+
+LABELS = {"A": ["pass", "pass", "fail", "pass"], "B": ["fail", "1", "pass", "doubtful"]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
+    out = tmp_path_factory.mktemp("model")
+    save_model(model, out, SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3), {"model_id": "wf-test"})
+    return out
+
+
+def setup(workdir, model_dir, labels=True):
+    rows = []
+    for site, labs in LABELS.items():
+        for i, lab in enumerate(labs):
+            p = make_volume(workdir / f"{site}{i}.nii.gz", seed=10 * ord(site) + i)
+            rows.append(dict(volume_id=f"{site}-{i}", site=site, subject=f"{site}{i}",
+                             contrast="T1w" if site == "A" else "T2w", path=str(p), label=lab if labels else ""))
+    # an unreadable volume: a failure row in the overview, excluded from the label evaluation
+    bad = make_volume(workdir / "B9.nii.gz", seed=99)
+    bad.write_bytes(bad.read_bytes()[:300])
+    rows.append(dict(volume_id="B-9", site="B", subject="B9", contrast="T2w", path=str(bad),
+                     label="fail" if labels else ""))
+    write_sheet(workdir, rows)
+    cfg = {
+        "model": {"id": "wf-test", "pretrained": str(model_dir)},
+        "flow": {"id": "wf-flow", "fit": {"epochs": 20, "seed": 0, "device": "cpu", "hidden": [16, 16]}},
+        "score": {"threads": 1},
+        "report": {"thumbnails": {"k": 2}, "ruler": {"artifacts": ["noise", "motion"], "severities": [0, 0.5, 1]}},
+        "labels": {"n_boot": 50},
+    }
+    (workdir / "test.yaml").write_text(yaml.safe_dump(cfg))
+    return rows
+
+
+def run(workdir, *args, check=True):
+    return run_snakemake(workdir, "--configfile", str(REPO / "config/config.yaml"), str(workdir / "test.yaml"), *args,
+                         check=check)
+
+
+def assert_not_blank(png):
+    img = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+    assert img.shape[0] > 100 and img.shape[1] > 100, png
+    assert img.std() > 10 and (img < 128).mean() > 0.005, f"{png} looks blank"
+
+
+def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
+    setup(tmp_path, model_dir)
+    run(tmp_path)
+    rep = tmp_path / "results/report"
+    for name in ("cohort_overview.png", "score_distributions.png", "latent_plane.png", "label_roc.png"):
+        assert_not_blank(rep / name)
+    thumbs = sorted(p.name for p in (rep / "thumbnails").glob("*.png"))
+    assert thumbs == ["thumbnails_A.png", "thumbnails_B.png"]
+    rulers = sorted(p.name for p in (rep / "rulers").glob("*.png"))
+    assert rulers == [f"ruler_{c}_{a}.png" for c in ("T1w", "T2w") for a in ("motion", "noise")]
+    for p in list((rep / "thumbnails").glob("*.png")) + list((rep / "rulers").glob("*.png")):
+        assert_not_blank(p)
+
+    cohort = pd.read_parquet(tmp_path / "results/scores/cohort.parquet").set_index("volume_id")
+    assert cohort.loc["B-9", "status"] == "failed"
+
+    # label table: one row per flag + the score, counts from the sheet's ratings
+    # ('doubtful' is in neither list, so it is ignored; '1' is pass; the failed B-9 is left out)
+    table = pd.read_parquet(rep / "label_metrics.parquet")
+    assert list(table["metric"]) == ["score>1", "flag_tau5", "flag_tau3", "flagged", "score"]
+    assert list(table["kind"]) == ["flag"] * 4 + ["score"]
+    assert (table["n"] == 7).all() and (table["n_fail"] == 2).all() and (table["n_pass"] == 5).all()
+    # independent check of the score > 1 row from the cohort table
+    fail = {f"{s}-{i}": lab == "fail" for s, labs in LABELS.items() for i, lab in enumerate(labs) if lab != "doubtful"}
+    pred = {v: bool(cohort.loc[v, "score"] > 1.0) for v in fail}
+    tp = sum(fail[v] and pred[v] for v in fail)
+    tn = sum(not fail[v] and not pred[v] for v in fail)
+    row = table.set_index("metric").loc["score>1"]
+    assert row["sensitivity"] == pytest.approx(tp / 2)
+    assert row["specificity"] == pytest.approx(tn / 5)
+    md = (rep / "label_metrics.md").read_text()
+    assert md.count("\n| ") == 6 and "| flagged | flag | 7 | 2 |" in md
+
+    res = run(tmp_path, "--report", str(tmp_path / "report.zip"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:
+        names = z.namelist()
+    for name in ("cohort_overview.png", "latent_plane.png", "thumbnails_A.png", "ruler_T2w_noise.png", "label_roc.png"):
+        assert any(n.endswith(name) for n in names), (name, res.stderr[-2000:])
+
+
+def test_no_labels_no_label_evaluation(tmp_path, model_dir):
+    setup(tmp_path, model_dir, labels=False)
+    res = run(tmp_path, "-n")
+    out = res.stdout + res.stderr
+    assert "rule report_figures" in out
+    assert "evaluate_labels" not in out
