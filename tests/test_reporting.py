@@ -97,3 +97,16 @@ def test_failures_table_concatenates_stages():
     f = reporting.failures_table(ing, sc, ing.iloc[:0], ing)
     assert sorted(f["volume_id"]) == ["x", "y"]
     assert len(reporting.failures_table()) == 0
+
+
+def test_overview_table_adds_failed_volumes():
+    vols = pd.DataFrame({"volume_id": ["a", "b"], "site": ["S1", "S2"], "contrast": ["T1w", "T2w"], "status": ["ok", "ok"]})
+    fails = pd.DataFrame({"volume_id": ["c", "d", "d"], "stage": ["ingest", "ingest", "score"],
+                          "error_type": ["truncated", "all_zero", "nan"]})
+    scores = pd.DataFrame({"volume_id": ["a", "b", "c", "d"], "site": ["S1", "S2", "S2", ""],
+                           "contrast": ["T1w", "T2w", "T2w", ""]})
+    t = reporting.overview_table(vols, fails, scores).set_index("volume_id")
+    assert list(t.index) == ["a", "b", "c", "d"]
+    assert list(t["status"]) == ["ok", "ok", "failed", "failed"]
+    assert t.loc["c", "site"] == "S2" and t.loc["d", "site"] == "?" and t.loc["d", "contrast"] == "unknown"
+    assert len(reporting.overview_table(vols, fails.iloc[:0])) == 2

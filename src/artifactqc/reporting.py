@@ -50,6 +50,27 @@ def failures_table(*tables: pd.DataFrame) -> pd.DataFrame:
     return f.drop_duplicates(subset=keys or None).reset_index(drop=True)
 
 
+def overview_table(volumes: pd.DataFrame, failures: pd.DataFrame, scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every cohort volume for :func:`artifactqc.report.plot_cohort_overview`: the ingested volumes plus one
+    ``status="failed"`` row per failed volume not among them. Site and contrast of a failed volume come from
+    the scores table when it has them, else ``"?"`` / ``"unknown"`` (ingest failure rows carry neither)."""
+    cols = ["volume_id", "site", "contrast", "status"]
+    v = volumes.reindex(columns=cols).copy()
+    v["status"] = v["status"].fillna("ok")
+    f = failures[~failures["volume_id"].astype(str).isin(set(v["volume_id"].astype(str)))] if len(failures) else failures
+    if f is None or not len(f):
+        return v
+    f = f.drop_duplicates("volume_id")[["volume_id"]].assign(site="", contrast="", status="failed")
+    if scores is not None and len(scores):
+        known = scores.drop_duplicates("volume_id").set_index(scores.drop_duplicates("volume_id")["volume_id"].astype(str))
+        for c in ("site", "contrast"):
+            if c in known:
+                f[c] = f["volume_id"].astype(str).map(known[c]).fillna("").astype(str)
+    f["site"] = f["site"].where(f["site"].str.strip() != "", "?")
+    f["contrast"] = f["contrast"].where(f["contrast"].str.strip() != "", "unknown")
+    return pd.concat([v, f[cols]], ignore_index=True)
+
+
 # ------------------------------------------------------------------------------------------ rulers
 def ruler_reference(scores: pd.DataFrame, contrast: str, flag_col: str = "flagged") -> pd.Series | None:
     """The reference volume of a contrast for its ruler: the ok, unflagged volume with the lowest score
@@ -149,7 +170,7 @@ def make_report_figures(
     from .density import load_flow
 
     out: dict[str, list[Path]] = {}
-    out["overview"] = [report.plot_cohort_overview(volumes, failures, overview)]
+    out["overview"] = [report.plot_cohort_overview(overview_table(volumes, failures, scores), failures, overview)]
     out["distributions"] = [report.plot_score_distributions(scores, distributions, threshold=threshold)]
     flow = load_flow(flow_dir) if flow_dir else None
     out["latent"] = [report.plot_latent_plane(scores, latent, flow=flow, taus=taus)]
