@@ -160,6 +160,18 @@ def test_masks_and_compute_iqms_on_phantom():
     assert set(iqm.IQM_COLUMNS) <= set(out)
 
 
+def test_iqms_respond_to_noise_and_ghost():
+    img, r = _phantom("T1w", shape=(48, 48, 48))
+    clean = iqm.compute_iqms(img, "T1w", zooms=(1, 1, 1), use_n4=False)
+    noisy = iqm.compute_iqms(np.abs(img + np.random.default_rng(9).normal(0, 120, img.shape)).astype(np.float32),
+                             "T1w", zooms=(1, 1, 1), use_n4=False)
+    assert noisy["cjv"] > clean["cjv"] and noisy["cnr"] < clean["cnr"] and noisy["snr_total"] < clean["snr_total"]
+    ghost = img.copy()
+    ghost[1:6, 1:6, 20:28] += 400.0  # bright structured signal in the air, > 10 mm from the head
+    g = iqm.compute_iqms(ghost, "T1w", zooms=(1, 1, 1), use_n4=False)
+    assert clean["qi_1"] == 0.0 and g["qi_1"] > 0.0
+
+
 def test_artifact_mask_finds_blob_far_from_head():
     rng = np.random.default_rng(1)
     img = np.abs(rng.normal(0, 10, (40, 40, 40)))

@@ -335,12 +335,10 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """3D hole filling, then 2D filling slice by slice along every axis (closes open ventricles)."""
+    """3D hole filling, then 2D filling of every axial slice (closes holes open at one end)."""
     out = ndi.binary_fill_holes(mask)
-    for ax in range(3):
-        out = np.stack([ndi.binary_fill_holes(s) for s in np.moveaxis(out, ax, 0)], axis=0)
-        out = np.moveaxis(out, 0, ax)
-    return out
+    filled = [ndi.binary_fill_holes(out[:, :, k]) if out[:, :, k].any() else out[:, :, k] for k in range(out.shape[2])]
+    return np.stack(filled, axis=2)
 
 
 def head_mask(data: np.ndarray, zooms: Sequence[float] = (1.0, 1.0, 1.0), frac: float = 0.05) -> np.ndarray:
