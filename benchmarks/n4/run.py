@@ -70,7 +70,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--threads", type=int, default=1, help="ITK threads")
     ap.add_argument("--out", default=str(HERE))
+    ap.add_argument("--from-log", default=None, help="only rebuild the results files from the JSON rows of a log")
     args = ap.parse_args(argv)
+    if args.from_log:
+        rows = [json.loads(ln) for ln in open(args.from_log) if ln.startswith('{"volume"')]
+        write_results(rows, P.N4Params(), args.threads, Path(args.out))
+        return 0
     root = Path(args.data)
     if not (root / "MANIFEST.tsv").is_file():
         print(f"development data not found at {root} (pass --data)", file=sys.stderr)
@@ -114,18 +119,23 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
+    write_results(rows, params, args.threads, Path(args.out))
+    return 0
+
+
+def write_results(rows: list[dict], params: P.N4Params, threads: int, out: Path) -> None:
+    """results.tsv/.json/.md from the per-volume rows."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    out = Path(args.out)
     df.to_csv(out / "results.tsv", sep="\t", index=False, float_format="%.4f")
     mean = df.drop(columns=["volume", "shape"]).mean().to_dict()
-    (out / "results.json").write_text(json.dumps({"params": vars(params), "itk_threads": args.threads,
+    (out / "results.json").write_text(json.dumps({"params": vars(params), "itk_threads": threads,
                                                    "per_volume": rows, "mean": mean}, indent=2, default=list))
     md = [
         "# N4 benchmark results",
         "",
-        f"Settings (workflow defaults): `{json.dumps(vars(params), default=list)}`; ITK threads {args.threads}.",
+        f"Settings (workflow defaults): `{json.dumps(vars(params), default=list)}`; ITK threads {threads}.",
         "Times measured on a shared, heavily loaded 2-core machine; CPU seconds = process time.",
         "",
         df.to_markdown(index=False, floatfmt=".3f"),
@@ -135,7 +145,6 @@ def main(argv=None) -> int:
     ]
     (out / "results.md").write_text("\n".join(md))
     print(json.dumps(mean, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
