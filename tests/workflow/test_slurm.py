@@ -2,17 +2,18 @@
 
 Debian's slurm (22.05) and munge are installed with apt when missing (root only; the test is skipped
 with the reason when that is impossible). The cluster has no cgroups and no accounting database, a
-CPU partition and a GPU partition whose node carries one fake GPU (a character device, as SLURM only
+CPU partition and a GPU partition whose node carries two fake GPUs (character devices, as SLURM only
 stats it). The workflow runs with a profile derived from profiles/slurm: the site lines (partitions,
 account) are overridden, the status command is squeue (there is no sacct). What is checked:
 
-* every job of the ingest stage went through sbatch (one submission per job, read from the plugin's
-  --verbose "sbatch call:" lines) with the CPU partition, memory and wall time from the rules, and
-  finished: slurmctld logged exit status 0 for each SLURM job id and the cohort table is complete;
-* a new site's rerun submits only that site's shard and the gather;
-* the shipped profile's GPU rules (set-resources) turn into `sbatch -p gpu --gpus=<model>:1` that
-  this cluster accepts and runs on the node with the fake GPU, and into no GPU options when the
-  derived profile maps them to the CPU partition.
+* every job of the ingest and scoring shards of a tiny cohort (a randomly initialised encoder saved
+  with the package's checkpoint code) went through sbatch (one submission per job, read from the
+  plugin's --verbose "sbatch call:" lines) with partition, memory and wall time, and finished:
+  slurmctld logged exit status 0 for each SLURM job id and the tables are complete;
+* the GPU rule score_shard, with the shipped profile's set-resources, is submitted as
+  `sbatch -p gpu --gpus=<model>:1`, which this cluster accepts; the job sees the GPU SLURM bound to it;
+* a new site's rerun, with the GPU rules mapped to the CPU partition, submits only that site's
+  shards (score_shard now without GPU options) and the gather.
 
 The daemons are stopped by PID in a finalizer; every subprocess has a timeout.
 """
@@ -117,8 +118,9 @@ class Cluster:
         r = self.root
         for d in ("state", "spool", "munge"):
             (r / d).mkdir(mode=0o700, exist_ok=True)
-        dev = r / "fakegpu0"
-        subprocess.run(["mknod", str(dev), "c", "195", "0"], check=True, timeout=10)
+        # two fake GPUs (SLURM only stats the device files), so that two scoring shards run side by side
+        for k in range(2):
+            subprocess.run(["mknod", str(r / f"fakegpu{k}"), "c", "195", str(k)], check=True, timeout=10)
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
@@ -161,12 +163,12 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=600
 GresTypes=gpu
-NodeName=aqnode NodeHostname={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} Gres=gpu:{self.gpu_model}:1 State=UNKNOWN
+NodeName=aqnode NodeHostname={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} Gres=gpu:{self.gpu_model}:2 State=UNKNOWN
 PartitionName=cpu Nodes=aqnode Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=aqnode MaxTime=INFINITE State=UP
 """
         )
-        (r / "gres.conf").write_text(f"NodeName=aqnode Name=gpu Type={self.gpu_model} File={dev}\n")
+        (r / "gres.conf").write_text(f"NodeName=aqnode Name=gpu Type={self.gpu_model} File={r}/fakegpu[0-1]\n")
 
     def start(self) -> None:
         self.write_config()
@@ -271,6 +273,8 @@ def derived_profile(dest: Path, cluster: Cluster, gpu_partition: bool, logdir: P
     prof["default-resources"]["mem_mb"] = "500 * attempt"
     # the ingest rule asks for config ingest.mem_mb (8 GB); this small node may not have that
     prof.setdefault("set-resources", {})["ingest_shard"] = {"mem_mb": 1000}
+    # one CPU per shard job, so that two shards run side by side on a 2-CPU node
+    prof["set-threads"] = {"ingest_shard": 1, "score_shard": 1}
     for rule in GPU_RULES:
         res = prof["set-resources"][rule]
         if gpu_partition:
@@ -357,90 +361,79 @@ def test_shipped_profile_names_gpu_rules_with_standard_resources():
             assert "#" in line or lines[i - 1].lstrip().startswith("#"), f"uncommented profile line: {line!r}"
 
 
-def test_ingest_through_sbatch_and_new_site_submits_only_its_jobs(cluster, tmp_path):
+def make_model(dest: Path) -> Path:
+    """A small, randomly initialised encoder saved through the package's checkpoint code."""
+    import torch
+
+    from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
+    from artifactqc.slices import SliceConfig
+
+    torch.manual_seed(0)
+    model = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
+    save_model(model, dest, SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3), {"model_id": "slurm-test"})
+    return dest
+
+
+def submitted(calls) -> list[tuple[str, str]]:
+    return sorted((c["rule"], c["wildcards"]) for c in calls)
+
+
+def test_workflow_through_sbatch_gpu_options_and_new_site_submits_only_its_jobs(cluster, tmp_path):
+    """Ingest + scoring shards of a tiny cohort on SLURM; scoring is the real GPU rule score_shard."""
     workdir = tmp_path / "wd"
     workdir.mkdir()
     rows = make_cohort(workdir)
-    profile = derived_profile(tmp_path / "profile", cluster, gpu_partition=False, logdir=tmp_path / "slurm_logs")
-    config = ["--configfile", str(REPO / "config" / "config.yaml"), "--config",
-              f"cohort={{sheet: {workdir / 'sheet.tsv'}}}"]
+    (workdir / "test.yaml").write_text(yaml.safe_dump({
+        "cohort": {"sheet": str(workdir / "sheet.tsv")},
+        "model": {"id": "slurm-test", "pretrained": str(make_model(tmp_path / "model"))},
+        "score": {"threads": 1},
+    }))
+    config = ["--configfile", str(REPO / "config" / "config.yaml"), str(workdir / "test.yaml")]
 
-    out = run_on_cluster(cluster, workdir, profile, *config)
+    def targets(sites):
+        return ["results/cohort/volumes.parquet", "results/cohort/failures.parquet",
+                *[f"results/scores/raw/site={s}/part-0.parquet" for s in sites]]
+
+    # 1) a site with GPUs: the shipped profile's score_shard settings plus the GPU model of this cluster
+    gpu_site = derived_profile(tmp_path / "gpu_profile", cluster, gpu_partition=True, logdir=tmp_path / "slurm_logs")
+    out = run_on_cluster(cluster, workdir, gpu_site, *targets("AB"), *config)
     calls, ids = sbatch_calls(out)
-    assert sorted((c["rule"], c["wildcards"]) for c in calls) == [("ingest", ""), ("ingest_shard", "A_0"),
-                                                                   ("ingest_shard", "B_0")]
-    for c in calls:
-        assert opt(c["argv"], "-p") == "cpu" and opt(c["argv"], "--gpus") is None
-        assert opt(c["argv"], "-t") is not None
-    shard = next(c for c in calls if c["rule"] == "ingest_shard")
-    assert opt(shard["argv"], "--mem") == "1000" and opt(shard["argv"], "--cpus-per-task") == "2"
+    assert submitted(calls) == [("ingest", ""), ("ingest_shard", "A_0"), ("ingest_shard", "B_0"),
+                                ("score_shard", "A_0"), ("score_shard", "B_0")]
+    for c, jobid in zip(calls, ids):
+        argv, on_gpu = c["argv"], c["rule"] == "score_shard"
+        assert opt(argv, "-t") is not None and opt(argv, "--mem") is not None, argv
+        assert opt(argv, "--gres") is None, argv
+        if on_gpu:  # -p gpu --gpus=fakegpu:1 --ntasks-per-gpu=1
+            assert (opt(argv, "-p"), opt(argv, "--gpus"), opt(argv, "--ntasks-per-gpu")) == (
+                "gpu", f"{cluster.gpu_model}:1", "1"), argv
+            show = _run(["scontrol", "-o", "show", "job", jobid], 15, env=cluster.env).stdout
+            assert "Partition=gpu" in show and f"TresPerJob=gres:gpu:{cluster.gpu_model}:1" in show, show
+            # the batch step saw the GPU SLURM bound to it (the plugin's job step logs its environment)
+            log = next((tmp_path / "slurm_logs" / "rule_score_shard" / c["wildcards"]).glob(f"{jobid}.log"))
+            assert re.search(r"'CUDA_VISIBLE_DEVICES': '[01]'", log.read_text(errors="replace")), log
+        else:
+            assert (opt(argv, "-p"), opt(argv, "--gpus")) == ("cpu", None), argv
     done = cluster.completed_jobs()
     assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
     vols = pd.read_parquet(workdir / "results/cohort/volumes.parquet")
     assert sorted(vols["volume_id"]) == sorted(r["volume_id"] for r in rows)
-    assert all(any((tmp_path / "slurm_logs" / "rule_ingest_shard" / s).glob("*.log")) for s in ("A_0", "B_0"))
+    for site in "AB":
+        scored = pd.read_parquet(workdir / f"results/scores/raw/site={site}/part-0.parquet")
+        assert sorted(scored["volume_id"]) == [f"{site}-0", f"{site}-1"] and (scored["status"] == "ok").all()
 
-    # a new site: only its shard and the gather go to SLURM
+    # 2) a new site delivers, and this time the GPU rules are mapped to the CPU partition: only the new
+    #    site's shards and the cohort gather go to SLURM, and score_shard carries no GPU option
     p = make_volume(workdir / "C0.nii.gz", seed=99)
     rows.append(dict(volume_id="C-0", site="C", subject="C0", contrast="T1w", path=str(p)))
     write_sheet(workdir, rows)
-    out = run_on_cluster(cluster, workdir, profile, *config)
+    cpu_only = derived_profile(tmp_path / "cpu_profile", cluster, gpu_partition=False, logdir=tmp_path / "slurm_logs")
+    out = run_on_cluster(cluster, workdir, cpu_only, *targets("ABC"), *config)
     calls, ids = sbatch_calls(out)
-    assert sorted((c["rule"], c["wildcards"]) for c in calls) == [("ingest", ""), ("ingest_shard", "C_0")]
+    assert submitted(calls) == [("ingest", ""), ("ingest_shard", "C_0"), ("score_shard", "C_0")]
+    for c in calls:
+        assert (opt(c["argv"], "-p"), opt(c["argv"], "--gpus"), opt(c["argv"], "--gres")) == ("cpu", None, None)
     done = cluster.completed_jobs()
     assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
     assert "C-0" in set(pd.read_parquet(workdir / "results/cohort/volumes.parquet")["volume_id"])
-
-
-GPU_PROBE_SNAKEFILE = """
-# Written by tests/workflow/test_slurm.py: one job per rule name that profiles/slurm sends to the GPU
-# partition, to check the profile's GPU resources against a real sbatch. Not part of the workflow.
-rule all:
-    input: expand("{{rule}}.txt", rule=[{rules}])
-
-{blocks}
-"""
-
-GPU_PROBE_RULE = """
-rule {rule}:
-    output: "{rule}.txt"
-    threads: 1
-    resources: mem_mb=200, runtime=5
-    shell: "echo gpus=${{{{CUDA_VISIBLE_DEVICES:-none}}}} > {{output}}"
-"""
-
-
-def test_gpu_rules_get_gpu_options_on_a_gpu_partition_and_none_when_mapped_to_cpu(cluster, tmp_path):
-    # train_encoder and superres keep the shipped profile's GPU settings (superres without a GPU
-    # model); score_shard is mapped to the CPU partition the way README says to run without GPUs.
-    profile = derived_profile(tmp_path / "profile", cluster, gpu_partition=True, logdir=tmp_path / "slurm_logs")
-    prof = yaml.safe_load((profile / "config.yaml").read_text())
-    prof["set-resources"]["superres"].pop("gpu_model")
-    prof["set-resources"]["score_shard"] = {"slurm_partition": "cpu", "gpu": 0, "mem_mb": 200}
-    (profile / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
-    workdir = tmp_path / "wd"
-    workdir.mkdir()
-    snakefile = workdir / "Snakefile"
-    snakefile.write_text(GPU_PROBE_SNAKEFILE.format(
-        rules=", ".join(repr(r) for r in GPU_RULES),
-        blocks="\n".join(GPU_PROBE_RULE.format(rule=r) for r in GPU_RULES)))
-
-    out = run_on_cluster(cluster, workdir, profile, snakefile=snakefile)
-    calls, ids = sbatch_calls(out)
-    by_rule = {c["rule"]: (c["argv"], i) for c, i in zip(calls, ids)}
-    assert sorted(by_rule) == sorted(GPU_RULES)
-    expect = {"train_encoder": ("gpu", f"{cluster.gpu_model}:1"), "superres": ("gpu", "1"), "score_shard": ("cpu", None)}
-    for rule, (partition, gpus) in expect.items():
-        argv, _ = by_rule[rule]
-        assert (opt(argv, "-p"), opt(argv, "--gpus"), opt(argv, "--gres")) == (partition, gpus, None), argv
-        assert (opt(argv, "--ntasks-per-gpu") is not None) == (gpus is not None), argv
-    done = cluster.completed_jobs()
-    assert {i: done.get(i) for i in ids} == {i: 0 for i in ids}, cluster.logs()
-    # what SLURM allocated (jobs stay visible to scontrol for MinJobAge = 600 s)
-    for rule, (partition, gpus) in expect.items():
-        show = _run(["scontrol", "-o", "show", "job", by_rule[rule][1]], 15, env=cluster.env).stdout
-        assert f"Partition={partition}" in show, show
-        assert ("TresPerJob=gres:gpu:" in show) == (gpus is not None), show
-    # the job saw the (fake) GPU SLURM bound to it, and only the GPU jobs did
-    seen = {r: (workdir / f"{r}.txt").read_text().strip() for r in GPU_RULES}
-    assert seen == {"train_encoder": "gpus=0", "superres": "gpus=0", "score_shard": "gpus=none"}
+    assert list(pd.read_parquet(workdir / "results/scores/raw/site=C/part-0.parquet")["volume_id"]) == ["C-0"]
