@@ -3,7 +3,7 @@
 Debian's slurm (22.05) and munge are installed with apt when missing (root only; the test is skipped
 with the reason when that is impossible). The cluster has no cgroups and no accounting database, a
 CPU partition and a GPU partition whose node carries two fake GPUs (character devices, as SLURM only
-stats it). The workflow runs with a profile derived from profiles/slurm: the site lines (partitions,
+stats them). The workflow runs with a profile derived from profiles/slurm: the site lines (partitions,
 account) are overridden, the status command is squeue (there is no sacct). What is checked:
 
 * every job of the ingest and scoring shards of a tiny cohort (a randomly initialised encoder saved
