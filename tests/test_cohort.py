@@ -225,3 +225,29 @@ def test_real_volumes_mixed_with_bad_inputs(shared_data, fixture_paths, tmp_path
     assert sorted(failures["volume_id"]) == sorted(f"bad_{k}" for k in cases)
     assert dict(zip(failures["volume_id"], failures["error_type"])) == {f"bad_{k}": k for k in cases}
     assert (volumes["p99"] >= volumes["p01"]).all()
+
+
+def test_column_validation_agrees_with_jsonschema():
+    """The fast column-wise check gives the same verdict as jsonschema row by row."""
+    import jsonschema
+    import yaml
+
+    from .conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/sheet.schema.yaml").read_text())
+    good = dict(volume_id="a-1", site="s.1", subject="1", session="", contrast="PD", path="x.nii", bids_name="", label="")
+    variants = [{}, {"volume_id": "a b"}, {"site": "a/b"}, {"contrast": "T1"}, {"path": ""}, {"subject": ""}]
+    for change in variants:
+        row = {**good, **change}
+        try:
+            jsonschema.validate(row, schema)
+            expected_ok = True
+        except jsonschema.ValidationError:
+            expected_ok = False
+        try:
+            cohort.validate_columns(pd.DataFrame([good, row]), schema)
+            got_ok = True
+        except cohort.CohortError as exc:
+            got_ok = False
+            assert "line, value): [(3," in str(exc)
+        assert got_ok == expected_ok, change
