@@ -51,7 +51,7 @@ def load_cohort_table():
 COHORT = load_cohort_table()
 # Column-wise check against the same schema file (per-row jsonschema takes ~40 s at 100,000 rows).
 aq_cohort.validate_columns(
-    COHORT, yaml.safe_load(Path(workflow.basedir, "..", "schemas", "sheet.schema.yaml").read_text()), source="cohort"
+    COHORT, yaml.safe_load(Path(workflow.source_path("../schemas/sheet.schema.yaml")).read_text()), source="cohort"
 )
 VALID, SHEET_FAILURES = aq_cohort.split_valid(COHORT)
 SHARDS = aq_cohort.shard_cohort(VALID, shard_size=config["cohort"]["shard_size"])
