@@ -37,7 +37,6 @@ Checkpoints are ``encoder.safetensors`` + ``model.json``; :func:`load_model` ref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -54,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
+from .io import sha256_file
 from .slices import SliceConfig, extract_slices
 
 log = logging.getLogger(__name__)
@@ -231,13 +231,6 @@ def encoder_loss(
 
 
 # ------------------------------------------------------------------------------------ checkpoint I/O
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _git_describe() -> str | None:
     try:
