@@ -290,3 +290,100 @@ def test_bias_equals_torchio_biasfield_with_recorded_coefficients(vol):
     out, p = S.simulate_volume(vol, "bias", 0.7, seed=11)
     ref = tio.BiasField(coefficients=p["coefficients"], order=p["order"])(torch.from_numpy(vol)[None]).numpy()[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)
+
+
+# --- continuous anisotropy (fractional slice spacing = thickness) ---------------------------------------------
+def _thick_slices_reference(x, factor, offset):
+    """Independent restatement: the linearly interpolated profile (edges replicated) integrated against a
+    Gaussian slice profile (FWHM = factor, minus the native voxel's FWHM of 1) by dense quadrature at slice
+    centres offset + k*factor (k running past both ends), then linearly interpolated back to the grid."""
+    L = len(x)
+    sig = np.sqrt(max(factor**2 - 1.0, 0.0)) / (2 * np.sqrt(2 * np.log(2)))
+    centres = offset + factor * np.arange(-2, int(np.ceil(L / factor)) + 3)
+    t = np.linspace(-12 * sig, 12 * sig, 4001)
+    g = np.exp(-0.5 * (t / sig) ** 2)
+    g /= g.sum()
+    vals = np.array([np.sum(g * np.interp(c + t, np.arange(L), x)) for c in centres])
+    return np.interp(np.arange(L), centres, vals)
+
+
+@pytest.mark.parametrize("factor,offset", [(2.3, 0.7), (1.37, 0.0), (3.9, 3.1), (1.02, 0.5)])
+def test_thick_slices_match_independent_quadrature(factor, offset):
+    rng = np.random.default_rng(0)
+    x = gaussian_filter(rng.standard_normal(57), 1.0) + np.linspace(0, 1, 57)
+    ref = _thick_slices_reference(x, factor, offset)
+    got = S.thick_slices_lastdim(torch.from_numpy(x)[None], torch.tensor([factor]), torch.tensor([offset]))[0]
+    np.testing.assert_allclose(got.numpy(), ref, atol=2e-3 * np.ptp(x))
+
+
+def test_thick_slices_identity_at_unit_thickness_and_finite_at_extremes():
+    x = torch.rand(3, 5, 21, dtype=torch.float64)
+    one = torch.ones(3, dtype=torch.float64)
+    y = S.thick_slices_lastdim(x, one, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(y, x, atol=1e-12, rtol=0)
+    # a unit-thickness acquisition anchored on any voxel is the identity in the 3D path too
+    v = phantom((20, 22, 18))
+    for seed in range(3):
+        out, p = S.apply_artifact(v, "anisotropy", 1.0, np.random.default_rng(seed))
+        assert p["offset_voxels"] == 0.0
+        np.testing.assert_allclose(out, v, atol=1e-6)
+    # thickness far beyond the axis length, and tiny factors: finite and within the input's range
+    for f in (1.0001, 30.0):
+        z = S.thick_slices_lastdim(x, one * f, torch.rand(3, dtype=torch.float64) * f)
+        assert torch.isfinite(z).all()
+        assert z.min() >= x.min() - 1e-9 and z.max() <= x.max() + 1e-9
+
+
+def test_anisotropy_is_continuous_and_blurs_monotonically():
+    v = phantom((40, 40, 40))
+    m = S.head_mask(v)
+    seed = 5  # fixed axis and anchor: only the thickness changes
+    factors = (1.0, 1.001, 1.05, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+    outs = [S.apply_artifact(v, "anisotropy", f, np.random.default_rng(seed))[0] for f in factors]
+    axes = {S.apply_artifact(v, "anisotropy", f, np.random.default_rng(seed))[1]["axis"] for f in factors}
+    assert len(axes) == 1
+    ax = axes.pop()
+    # continuity at the identity: a thickness 0.1 % above the native one changes almost nothing
+    assert np.abs(outs[1] - v).max() < 0.01
+    # SSIM and high-frequency energy along the axis fall monotonically with the thickness
+    ss = [S.ssim_masked(v, o, m) for o in outs]
+    assert ss[0] == pytest.approx(1.0, abs=1e-6)
+    assert all(a > b for a, b in zip(ss, ss[1:])), np.round(ss, 4)
+
+    def hf(a):
+        d = np.diff(a, axis=ax)
+        return float((d * d).sum())
+
+    e = [hf(o) for o in outs]
+    assert all(a > b for a, b in zip(e, e[1:])), e
+    # continuity in the factor away from 1 as well: nearby factors give nearby images
+    a1 = S.apply_artifact(v, "anisotropy", 2.5, np.random.default_rng(seed))[0]
+    a2 = S.apply_artifact(v, "anisotropy", 2.501, np.random.default_rng(seed))[0]
+    assert np.abs(a1 - a2).max() < 0.01
+
+
+def test_anisotropy_slices_continuous_near_zero_severity():
+    x = torch.from_numpy(phantom((48, 48, 6))[:, :, :6].transpose(2, 0, 1)[:, None].copy())
+    g = torch.Generator().manual_seed(3)
+    y = S.simulate_slices(x, ["anisotropy"] * 6, torch.full((6,), 1e-4), g)
+    assert (y - x).abs().max() < 0.01
+    ss = [float(S.ssim_slices(x, S.simulate_slices(x, ["anisotropy"] * 6, torch.full((6,), s),
+                                                   torch.Generator().manual_seed(3))).mean()) for s in (0.1, 0.4, 0.7, 1.0)]
+    assert all(a > b for a, b in zip(ss, ss[1:])), ss
+
+
+def test_cli_anisotropy_preserves_affine_and_records_fractional_spacing(tmp_path):
+    v = (phantom((30, 36, 24)) * 800).astype(np.int16)
+    aff = np.array([[0.0, 0.0, 1.2, -30.0], [-0.9, 0.0, 0.0, 50.0], [0.0, 1.1, 0.0, -20.0], [0, 0, 0, 1]])
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(v, aff), src)
+    dst = tmp_path / "aniso.nii.gz"
+    p = S.simulate_file(src, dst, "anisotropy", 0.45, seed=2)
+    img = nib.load(dst)
+    np.testing.assert_allclose(img.affine, aff, atol=1e-5)
+    assert img.shape == v.shape and np.isfinite(np.asarray(img.dataobj)).all()
+    side = json.loads((tmp_path / "aniso.json").read_text())
+    assert side["slice_spacing_voxels"] == pytest.approx(side["thickness_factor"])
+    assert side["thickness_factor"] == pytest.approx(S.severity_to_param("anisotropy", 0.45))
+    assert 0 <= side["offset_voxels"] < side["slice_spacing_voxels"]
+    assert side == json.loads(json.dumps(p))
