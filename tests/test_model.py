@@ -199,19 +199,20 @@ def test_info_nce_prefers_matching_pairs():
 
 
 # ------------------------------------------------------------------------------------------ training
-def _toy_sim(x, arts, sev, gen):
-    """Test-only corruption (independent of artifactqc.simulate): additive noise ~ severity."""
-    noise = torch.randn(x.shape, generator=gen)
-    out = x + sev.view(-1, 1, 1, 1) * 0.5 * noise * (torch.tensor([a != "none" for a in arts]).view(-1, 1, 1, 1))
-    tgt = torch.zeros(x.shape[0], 5)
-    tgt[:, 0] = sev
-    return out.clamp(0, 1.5), tgt
+def _toy_sim(data, artifact, severity, seed, spacing):
+    """Test-only 3D corruption (independent of artifactqc.simulate): additive noise ~ severity, with the
+    per-head targets the trainer expects in ``params["head_severities"]``."""
+    rng = np.random.default_rng(seed)
+    out = data + severity * 0.5 * rng.standard_normal(data.shape).astype(np.float32) * (artifact != "none")
+    heads = {h: 0.0 for h in HEADS}
+    heads["noise"] = float(severity)
+    return np.clip(out, 0, 1.5).astype(np.float32), {"head_severities": heads}
 
 
 @pytest.fixture(scope="module")
 def toy_cohort(tmp_path_factory):
     d = tmp_path_factory.mktemp("cohort")
-    paths = [_write(d, f"v{i}.nii.gz", _phantom(seed=i)) for i in range(4)]
+    paths = [_write(d, f"v{i}.nii.gz", _phantom(shape=(40 + 2 * i, 48, 36), seed=i)) for i in range(4)]
     bad = d / "broken.nii.gz"
     bad.write_bytes(b"not a nifti at all")
     return paths, bad
@@ -219,8 +220,8 @@ def toy_cohort(tmp_path_factory):
 
 def _train(out, paths, seed=0, **kw):
     args = dict(val_fraction=0.25, epochs=3, batch_size=6, lr=3e-3, seed=seed, device="auto", patience=5,
-                image_size=32, pixel_mm=4.0, steps_per_epoch=2, train_slices_per_axis=3, val_slices=24,
-                threads=1, simulate_fn=_toy_sim)
+                image_size=32, pixel_mm=4.0, steps_per_epoch=2, train_slices_per_axis=3, val_severities=(0.5, 1.0),
+                threads=1, simulate_fn=_toy_sim, pool_init_per_volume=1, pool_refresh=1, bn_recalib_batches=1)
     args.update(kw)
     return train_encoder([str(p) for p in paths], out, **args)
 
@@ -240,6 +241,8 @@ def test_train_writes_checkpoint_and_is_deterministic(tmp_path, toy_cohort):
     assert len(info["training"]["epochs"]) == m1["epochs_run"] >= 1
     assert {"val_loss", "val_pearson", "train_loss"} <= set(info["training"]["epochs"][0])
     assert info["artifactqc_version"] and info["architecture"]["latent_dim"] == 4
+    # corrupted volumes: initial pool (one per training volume) + one per epoch
+    assert m1["n_corrupted_volumes"] == len(tr) + m1["epochs_run"]
     # same seed -> identical weights
     assert m1["best_val_loss"] == pytest.approx(m2["best_val_loss"], rel=1e-6)
     assert io.sha256_file(tmp_path / "m1" / "encoder.safetensors") == io.sha256_file(
@@ -255,22 +258,99 @@ def test_early_stopping_stops_before_max_epochs(tmp_path, toy_cohort):
     assert m["epochs_run"] < 30 and "early stopping" in m["stop_reason"]
 
 
-def test_validation_set_is_fresh_not_training_batches(tmp_path, toy_cohort):
-    """The validation severities come from their own seeded draw: changing the training seed's batches
-    (batch size) does not change the validation targets, so the first-epoch val metrics of an untrained
-    model differ only through the weights."""
+def test_validation_is_3d_simulated_held_out_volumes_only(tmp_path, toy_cohort):
+    """Validation = the held-out volume corrupted in 3D at the fixed severity grid (every single type plus a
+    mixture), simulated once before training; training simulations never see the held-out volume."""
     paths, _ = toy_cohort
+    calls = []
+
+    def spy(data, artifact, severity, seed, spacing):
+        calls.append((data.shape, artifact, severity))
+        return _toy_sim(data, artifact, severity, seed, spacing)
+
+    val_shape = _phantom(shape=(40, 48, 36)).shape  # v0 (the crop keeps the whole phantom)
+    _train(tmp_path / "v1", paths, epochs=2, simulate_fn=spy, val_volumes=[str(paths[0])], resample_augment=0.0,
+           val_severities=(0.25, 0.75))
+    n_val = 5 * 2 + 1
+    val_calls, train_calls = calls[:n_val], calls[n_val:]
+    assert all(c[0] == val_shape for c in val_calls)
+    assert sorted((a, s) for _, a, s in val_calls if a != "mix") == sorted(
+        (a, s) for a in ("noise", "ghosting", "bias", "anisotropy", "motion") for s in (0.25, 0.75))
+    assert train_calls and not any(c[0] == val_shape for c in train_calls)
+    assert {a for _, a, _ in train_calls} <= {"noise", "ghosting", "bias", "anisotropy", "motion", "mix"}
+
+
+def test_pool_entry_normalises_after_corruption_like_the_scorer():
+    """A corruption that only scales intensities (×3) must vanish after the scorer's percentile normalisation;
+    the corrupted slices of a real corruption are exactly the scorer's slices of the corrupted volume."""
+    from artifactqc.model import _CleanVolume, make_pool_entry
+
+    cfg = slices.SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3)
+    data = io.normalize_intensity(_phantom())
+    v = _CleanVolume("toy", data, (2.0, 2.0, 2.0))
+
+    def gain(d, a, s, seed, spacing):
+        return d * 3.0, {"head_severities": {"noise": s}}
+
+    e = make_pool_entry(v, "noise", 0.7, 1, cfg, gain, contrast=0, mask=0, resample=0, dtype=torch.float32)
+    np.testing.assert_allclose(e["corrupt"].numpy(), e["clean"].numpy(), atol=1e-5)
+    assert e["targets"].tolist() == pytest.approx([0.7, 0, 0, 0, 0])
     seen = []
 
-    def spy(x, arts, sev, gen):
-        seen.append(sev.clone())
-        return _toy_sim(x, arts, sev, gen)
+    def keep(d, a, s, seed, spacing):
+        out = _toy_sim(d, a, s, seed, spacing)
+        seen.append(out[0])
+        return out
 
-    _train(tmp_path / "v1", paths, epochs=1, simulate_fn=spy, val_volumes=[str(paths[0])])
-    val_sev = seen[0]
-    train_sevs = torch.cat(seen[1:])
-    assert len(val_sev) == 24
-    assert not any(torch.isclose(v, train_sevs).any() for v in val_sev)
+    e2 = make_pool_entry(v, "noise", 0.7, 1, cfg, keep, contrast=0, mask=0, resample=0, dtype=torch.float32)
+    want, _ = slices.extract_from_array(seen[0], np.diag([2.0, 2.0, 2.0, 1.0]), cfg)
+    assert np.abs(want - slices.extract_from_array(data, np.diag([2.0, 2.0, 2.0, 1.0]), cfg)[0]).mean() > 0.01
+    np.testing.assert_allclose(e2["corrupt"][:, 0].numpy(), want[: len(e2["corrupt"])], atol=1e-5)
+    assert set(e2["axis"].tolist()) == {0, 1, 2}
+
+
+def test_too_small_training_volume_is_named_and_skipped(tmp_path, toy_cohort, caplog):
+    from artifactqc.model import TrainingVolumeError, _load_clean_volume
+
+    paths, _ = toy_cohort
+    tiny = _write(tmp_path, "tiny.nii.gz", np.ascontiguousarray(_phantom()[:, :, 16:19]))
+    with pytest.raises(TrainingVolumeError, match="tiny.nii.gz.*too small"):
+        _load_clean_volume(str(tiny), slices.SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3), False)
+    m = _train(tmp_path / "sm", list(paths) + [tiny], epochs=1, val_volumes=[str(paths[0])])
+    info = json.loads((tmp_path / "sm" / "model.json").read_text())
+    sk = {s["path"]: s["error"] for s in info["training"]["skipped_volumes"]}
+    assert "too small" in sk[str(tiny)] and m["epochs_run"] == 1
+    assert any("tiny.nii.gz" in r.getMessage() for r in caplog.records)
+
+
+def test_brain_mask_augmentation_strips_the_shell():
+    """A head = bright shell (scalp/skull, 6 mm) around a brain: the mask keeps the brain centre and removes
+    the shell."""
+    from artifactqc.model import _brain_mask
+
+    zz, yy, xx = np.meshgrid(*[np.arange(-40, 41)] * 3, indexing="ij")
+    r = np.sqrt(zz**2 + yy**2 + xx**2)  # 1 mm voxels
+    vol = np.where(r < 36, 0.5, 0.0) + np.where((r >= 30) & (r < 36), 0.5, 0.0)
+    m = _brain_mask(vol.astype(np.float32), (1.0, 1.0, 1.0))
+    assert m is not None and m[40, 40, 40]
+    assert not m[r >= 30].any()  # the whole shell is gone
+    assert m[r < 20].all()
+
+
+def test_bn_recalibration_uses_exact_batch_statistics():
+    from artifactqc.model import _recalibrate_bn
+
+    torch.manual_seed(0)
+    m = ArtifactEncoder(EncoderConfig())
+    bn = m.features[1]
+    bn.running_mean.fill_(5.0)  # stale statistics must not survive
+    xs = [torch.rand(4, 1, 32, 32), torch.rand(6, 1, 32, 32) * 2]
+    _recalibrate_bn(m, xs, torch.device("cpu"))
+    with torch.no_grad():
+        feats = [m.features[0](x) for x in xs]  # the stem conv feeding the first BN
+    want = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)  # cumulative average of batch means
+    torch.testing.assert_close(bn.running_mean, want, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and m.training
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +53,8 @@ import torch.nn.functional as F
 
 from . import __version__
 from .io import sha256_file
-from .slices import SliceConfig, extract_slices
+from .provenance import git_describe
+from .slices import SliceConfig, extract_from_array
 
 log = logging.getLogger(__name__)
 
@@ -232,17 +232,6 @@ def encoder_loss(
 
 # ------------------------------------------------------------------------------------ checkpoint I/O
 
-def _git_describe() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=10,
-        )
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except Exception:
-        return None
-
-
 def save_model(model: ArtifactEncoder, out_dir: str | os.PathLike, slice_cfg: SliceConfig, meta: dict) -> dict:
     """Write ``encoder.safetensors`` + ``model.json`` (meta merged in); returns the model.json dict."""
     from safetensors.torch import save_file
@@ -263,7 +252,7 @@ def save_model(model: ArtifactEncoder, out_dir: str | os.PathLike, slice_cfg: Sl
         "score_scale": SCORE_SCALE,
         "aggregation": "trimmed mean (10% each side) over slices",
         "artifactqc_version": __version__,
-        "git_describe": _git_describe(),
+        "git_describe": git_describe() or None,
         "weights_file": weights.name,
         "weights_sha256": sha256_file(weights),
         **{k: v for k, v in meta.items() if k != "model_id"},
@@ -340,7 +329,8 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "auto"
 # ----------------------------------------------------------------------------------------- training
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters; :func:`demo_config` is the ≤10 min / 2-core setting."""
+    """Training hyper-parameters (defaults of :func:`train_encoder`); :func:`demo_config` is the
+    ≤10 min / 2-core setting. See :func:`train_encoder` for the meaning of each field."""
 
     val_fraction: float = 0.2
     epochs: int = 40
@@ -352,18 +342,29 @@ class TrainConfig:
     patience: int = 8
     image_size: int = 128
     pixel_mm: float = 1.5
-    train_slices_per_axis: int = 24
-    val_slices: int = 480
+    train_slices_per_axis: int = 12
+    val_severities: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     threads: int = 2
     max_minutes: float | None = None
+    pool_size: int = 240
+    pool_init_per_volume: int = 2
+    sim_time_fraction: float = 0.45
+    pool_refresh: int | None = None
     contrast_augment: float = 0.5
+    mask_augment: float = 0.25
+    resample_augment: float = 0.3
+    slice_sim_fraction: float = 0.0
+    bn_recalib_batches: int = 6
     encoder: dict = field(default_factory=dict)
 
 
 def demo_config(**overrides) -> dict:
-    """Small, CPU-friendly settings: trains in well under 10 min on 2 cores."""
-    d = dict(epochs=12, steps_per_epoch=25, batch_size=24, patience=6, max_minutes=9.0, train_slices_per_axis=16,
-             val_slices=240)
+    """Small, CPU-friendly settings for the demo (~11 volumes of ~1 mm): ≤ 10 min on 2 cores.
+
+    ``max_minutes`` caps the whole run including the simulation of the pool and of the validation set.
+    """
+    d = dict(epochs=30, steps_per_epoch=20, batch_size=24, patience=8, max_minutes=8.5, train_slices_per_axis=10,
+             val_severities=(0.3, 0.7), pool_size=120, pool_init_per_volume=1, sim_time_fraction=0.4)
     d.update(overrides)
     return d
 
@@ -371,7 +372,7 @@ def demo_config(**overrides) -> dict:
 def _contrast_augment(x: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:
     """Random per-sample gamma (0.5–2) and, for a quarter of those, foreground inversion (T1 <-> T2-like).
 
-    Keeps the background at 0. Applied identically to anchor and positive (same volume, same contrast).
+    Slice-level variant (used only with ``slice_sim_fraction`` > 0).
     """
     b = x.shape[0]
     sel = torch.rand(b, generator=gen) < prob
@@ -403,7 +404,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 def _spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
-    if len(a) < 3:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
         return float("nan")
     return float(spearmanr(a, b).statistic)
 
@@ -412,6 +413,288 @@ def _simulate(x, arts, sev, gen):
     from . import simulate
 
     return simulate.simulate_slices(x, arts, sev, generator=gen, return_targets=True)
+
+
+def _simulate_volume(data, artifact, severity, seed, spacing):
+    from . import simulate
+
+    return simulate.simulate_volume(data, artifact, severity, seed=seed, spacing=spacing)
+
+
+# ------------------------------------------------------------------------- inference-path training data
+class TrainingVolumeError(ValueError):
+    """A training volume that cannot be used (unreadable, or too small for the slice sampler)."""
+
+
+@dataclass
+class _CleanVolume:
+    """A training volume in canonical (RAS+) order, intensities normalised, plus a crude brain mask."""
+
+    path: str
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+    brain: np.ndarray | None = None
+
+
+def _min_slices_ok(s: np.ndarray, axes: np.ndarray) -> bool:
+    keep = _usable(s)
+    return keep.sum() >= 2 and len(np.unique(axes[keep])) >= 2
+
+
+def _usable(s: np.ndarray) -> np.ndarray:
+    """Slices with enough foreground to be worth training on (> 3 % of pixels above 0.1)."""
+    return (s > 0.1).mean(axis=(1, 2)) > 0.03
+
+
+def _load_clean_volume(path: str, cfg: SliceConfig, with_brain: bool) -> _CleanVolume:
+    """Load, reorient and normalise a training volume; raise :class:`TrainingVolumeError` naming the file
+    if it is unreadable or too small for the slice sampler."""
+    from . import io
+
+    try:
+        vol = io.load_volume(path)
+    except Exception as exc:
+        raise TrainingVolumeError(f"{path}: unreadable ({_err(exc)})") from exc
+    data, aff = io.to_canonical(vol.data, vol.affine)
+    spacing = tuple(float(z) for z in io.voxel_sizes(aff))
+    if min(data.shape) < 4:
+        raise TrainingVolumeError(f"{path}: too small for the slice sampler (shape {tuple(data.shape)}, need >= 4 "
+                                  "voxels along every axis)")
+    data = _crop_to_head(io.normalize_intensity(data))
+    s, _ = extract_from_array(data, np.diag([*spacing, 1.0]), cfg)
+    axes = np.repeat(np.arange(3), cfg.slices_per_axis)
+    if not _min_slices_ok(s, axes):
+        raise TrainingVolumeError(
+            f"{path}: too small or too empty for the slice sampler ({int(_usable(s).sum())} usable slices of "
+            f"{len(s)}; need >= 2 in two orientations with > 3 % foreground at {cfg.pixel_mm} mm pixels)")
+    brain = _brain_mask(data, spacing) if with_brain else None
+    return _CleanVolume(str(path), np.ascontiguousarray(data, dtype=np.float32), spacing, brain)
+
+
+def _crop_to_head(data: np.ndarray, margin: int = 8) -> np.ndarray:
+    """Drop empty borders (air) beyond ``margin`` voxels around the head: the 3D simulator's cost scales with
+    the number of voxels. (The field of view still varies between training volumes, as in real cohorts.)"""
+    fg = data > 0.05
+    if not fg.any():
+        return data
+    sl = []
+    for a in range(3):
+        nz = np.nonzero(fg.any(axis=tuple(b for b in range(3) if b != a)))[0]
+        sl.append(slice(max(0, int(nz[0]) - margin), min(data.shape[a], int(nz[-1]) + 1 + margin)))
+    return data[tuple(sl)]
+
+
+def _err(exc: BaseException) -> str:
+    from . import io
+
+    if isinstance(exc, io.VolumeError):
+        return f"{exc.error_type}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _brain_mask(data: np.ndarray, spacing, depth_mm: float = 9.0) -> np.ndarray | None:
+    """Crude brain mask for skull-stripping augmentation: the filled head mask eroded by ``depth_mm``
+    (scalp + skull), largest component, slightly smoothed. Not a segmentation: it only has to make a
+    training volume *look* skull-stripped (zero background right at a brain-like boundary)."""
+    from scipy import ndimage as ndi
+
+    step = max(1, int(round(2.0 / min(spacing))))  # work at ~2 mm
+    sub = data[::step, ::step, ::step] > 0.1
+    if sub.sum() < 100:
+        return None
+    sub = ndi.binary_fill_holes(ndi.binary_closing(sub, iterations=2))
+    dist = ndi.distance_transform_edt(sub, sampling=[s * step for s in spacing])
+    core = dist > depth_mm
+    lab, n = ndi.label(core)
+    if n == 0:
+        return None
+    sizes = ndi.sum(core, lab, index=np.arange(1, n + 1))
+    core = lab == (1 + int(np.argmax(sizes)))
+    core = ndi.binary_opening(core, iterations=1)
+    if core.sum() < 50:
+        return None
+    # back to the full grid (nearest)
+    idx = [np.minimum(np.arange(n_) // step, core.shape[a] - 1) for a, n_ in enumerate(data.shape)]
+    return core[np.ix_(*idx)]
+
+
+def _augment_volume(v: _CleanVolume, rng: np.random.Generator, contrast: float, mask: float, resample: float):
+    """Volume-level augmentation *before* simulation (so the scorer's normalisation comes after both).
+
+    * skull-stripping look (prob ``mask``): voxels outside :func:`_brain_mask` set to 0;
+    * contrast (prob ``contrast``): gamma 0.5–2 and, for a third of those, foreground inversion
+      (T1w <-> T2w-like);
+    * resampling (prob ``resample``, only volumes finer than 1.4 mm): trilinear zoom to a random coarser
+      isotropic-ish grid (×1–1.6, at most 1.6 mm), so a clean scan resampled to 1.5 mm stays clean.
+
+    Returns ``(data, spacing, description)``.
+    """
+    from scipy import ndimage as ndi
+
+    data = v.data
+    spacing = v.spacing
+    desc = []
+    if v.brain is not None and rng.random() < mask:
+        data = data * v.brain
+        desc.append("brainmask")
+    if rng.random() < contrast:
+        gamma = float(np.exp(rng.uniform(-1, 1) * math.log(2.0)))
+        fg = data > 0.08
+        x = np.clip(data, 0, 1.5) / 1.5
+        data = (x ** gamma * 1.5).astype(np.float32)
+        desc.append(f"gamma{gamma:.2f}")
+        if rng.random() < 1 / 3:
+            data = np.where(fg, (1.5 - data) * 0.8, 0.0).astype(np.float32)
+            desc.append("invert")
+    if rng.random() < resample and max(spacing) < 1.4:
+        f = rng.uniform(1.0, 1.6)
+        new = [min(s * f, 1.6) for s in spacing]
+        zoom = [s / n for s, n in zip(spacing, new)]
+        data = ndi.zoom(data, zoom, order=1, prefilter=False, grid_mode=False).astype(np.float32)
+        spacing = tuple(float(s * data_n / out_n) for s, data_n, out_n in zip(spacing, v.data.shape, data.shape))
+        desc.append(f"resample{f:.2f}")
+    return np.ascontiguousarray(data, dtype=np.float32), tuple(spacing), "+".join(desc) or "none"
+
+
+def make_pool_entry(
+    v: _CleanVolume, artifact: str, severity: float, seed: int, cfg: SliceConfig, sim_fn=None,
+    contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, dtype=torch.float16,
+) -> dict:
+    """One training item on the inference path: augment the clean volume, corrupt it in 3D at its native
+    resolution (``simulate.simulate_volume``), and extract the slices of the clean and of the corrupted
+    volume with :func:`artifactqc.slices.extract_from_array` (the scorer's code: percentile normalisation
+    *after* corruption, then 1.5 mm sampling).
+
+    Returns a dict with ``clean``/``corrupt`` slices ``[N,1,S,S]`` (``dtype``), ``axis`` [N],
+    ``severity``, ``targets`` [5] (per-head severities, :data:`HEADS` order) and ``artifact``.
+    """
+    rng = np.random.default_rng(seed)
+    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample)
+    sim = sim_fn or _simulate_volume
+    corrupted, params = sim(data, artifact, float(severity), int(rng.integers(0, 2**31 - 1)), spacing)
+    aff = np.diag([*spacing, 1.0])
+    clean_s, _ = extract_from_array(data, aff, cfg)
+    corr_s, _ = extract_from_array(corrupted, aff, cfg)
+    axes = np.repeat(np.arange(3), cfg.slices_per_axis)
+    keep = _usable(clean_s)
+    if keep.sum() < 2 or len(np.unique(axes[keep])) < 2:
+        keep = np.ones(len(clean_s), dtype=bool)
+    hs = params.get("head_severities", {})
+    return {
+        "clean": torch.from_numpy(clean_s[keep][:, None]).to(dtype),
+        "corrupt": torch.from_numpy(corr_s[keep][:, None]).to(dtype),
+        "axis": axes[keep],
+        "severity": float(severity),
+        "targets": torch.tensor([float(hs.get(h, 0.0)) for h in HEADS], dtype=torch.float32),
+        "artifact": artifact,
+        "augment": aug,
+        "volume": v.path,
+    }
+
+
+class _Pool:
+    """Fixed-capacity FIFO of :func:`make_pool_entry` items, refilled round-robin over the training volumes
+    with balanced artifact types and U(0,1) severities; every entry has its own deterministic seed."""
+
+    def __init__(self, vols, cfg, capacity, seed, sim_fn, aug):
+        self.vols, self.cfg, self.capacity = vols, cfg, max(1, int(capacity))
+        self.rng = np.random.default_rng(seed + 104729)
+        self.sim_fn, self.aug = sim_fn, aug
+        self.entries: list[dict] = []
+        self.made = 0
+        self.sim_seconds = 0.0
+        self._order: list[int] = []
+        self._arts: list[str] = []
+
+    def add_one(self) -> None:
+        t0 = time.perf_counter()
+        if not self._order:
+            self._order = list(self.rng.permutation(len(self.vols)))
+        if not self._arts:
+            self._arts = [str(a) for a in self.rng.permutation(list(TRAIN_ARTIFACTS))]
+        v = self.vols[self._order.pop()]
+        art = self._arts.pop()
+        sev = float(self.rng.uniform(0.0, 1.0))
+        seed = int(self.rng.integers(0, 2**31 - 1))
+        e = make_pool_entry(v, art, sev, seed, self.cfg, self.sim_fn, **self.aug)
+        self.entries.append(e)
+        if len(self.entries) > self.capacity:
+            self.entries.pop(0)
+        self.made += 1
+        self.sim_seconds += time.perf_counter() - t0
+
+    def fill(self, n: int, seconds: float | None = None) -> int:
+        t0 = time.perf_counter()
+        k = 0
+        while k < n and (seconds is None or time.perf_counter() - t0 < seconds):
+            self.add_one()
+            k += 1
+        return k
+
+    def sample(self, b: int, gen: torch.Generator):
+        """Triplets: anchor = clean slice j of an entry, negative n = the same plane of the corrupted volume,
+        positive p / second negative n2 = clean / corrupted slice of another orientation of the same entry
+        (same artifact level, different anatomy)."""
+        ei = torch.randint(0, len(self.entries), (b,), generator=gen).tolist()
+        xa, xp, xn, xn2, sev, tgt = [], [], [], [], [], []
+        for e_i in ei:
+            e = self.entries[e_i]
+            n = len(e["axis"])
+            j = int(torch.randint(0, n, (1,), generator=gen))
+            others = np.nonzero(e["axis"] != e["axis"][j])[0]
+            pool = others if len(others) else np.arange(n)
+            j2 = int(pool[int(torch.randint(0, len(pool), (1,), generator=gen))])
+            xa.append(e["clean"][j])
+            xn.append(e["corrupt"][j])
+            xp.append(e["clean"][j2])
+            xn2.append(e["corrupt"][j2])
+            sev.append(e["severity"])
+            tgt.append(e["targets"])
+        st = lambda xs: torch.stack(xs).float()  # noqa: E731
+        return st(xa), st(xp), st(xn), st(xn2), torch.tensor(sev, dtype=torch.float32), torch.stack(tgt)
+
+
+def _recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], dev) -> None:
+    """Recompute BatchNorm running statistics as exact averages over ``batches`` (mixed clean/corrupted
+    slices, like training batches). Removes the epoch-to-epoch jitter of momentum-averaged statistics that
+    made the eval-mode clean score jump between epochs."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return
+    saved = [(m.momentum) for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = exact mean over the batches
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x.to(dev))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+
+
+def _val_items(vols, cfg, severities, seed, sim_fn) -> list[dict]:
+    """Fixed validation set on the inference path: each held-out volume clean and 3D-corrupted with every
+    single artifact type at each of ``severities`` plus one mixture; slices with the scorer's geometry."""
+    single = [a for a in TRAIN_ARTIFACTS if a != "mix"]
+    rng = np.random.default_rng(seed + 7919)
+    items = []
+    sim = sim_fn or _simulate_volume
+    for v in vols:
+        aff = np.diag([*v.spacing, 1.0])
+        s, _ = extract_from_array(v.data, aff, cfg)
+        items.append({"volume": v.path, "artifact": "none", "severity": 0.0, "slices": torch.from_numpy(s[:, None]),
+                      "targets": torch.zeros(len(HEADS))})
+        jobs = [(a, float(sv)) for a in single for sv in severities] + [("mix", float(max(severities)))]
+        for a, sv in jobs:
+            corr, params = sim(v.data, a, sv, int(rng.integers(0, 2**31 - 1)), v.spacing)
+            s, _ = extract_from_array(corr, aff, cfg)
+            hs = params.get("head_severities", {})
+            items.append({"volume": v.path, "artifact": a, "severity": sv, "slices": torch.from_numpy(s[:, None]),
+                          "targets": torch.tensor([float(hs.get(h, 0.0)) for h in HEADS], dtype=torch.float32)})
+    return items
 
 
 def train_encoder(
@@ -428,28 +711,52 @@ def train_encoder(
     image_size: int = 128,
     pixel_mm: float = 1.5,
     steps_per_epoch: int = 40,
-    train_slices_per_axis: int = 24,
-    val_slices: int = 480,
+    train_slices_per_axis: int = 12,
+    val_severities: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     threads: int | None = 2,
     max_minutes: float | None = None,
+    pool_size: int = 240,
+    pool_init_per_volume: int = 2,
+    sim_time_fraction: float = 0.45,
+    pool_refresh: int | None = None,
     contrast_augment: float = 0.5,
+    mask_augment: float = 0.25,
+    resample_augment: float = 0.3,
+    slice_sim_fraction: float = 0.0,
+    bn_recalib_batches: int = 6,
     weight_decay: float = 1e-4,
     encoder: dict | None = None,
     model_id: str | None = None,
     manifest: str | os.PathLike | None = None,
     val_volumes: Sequence[str | os.PathLike] | None = None,
     simulate_fn=None,
+    simulate_slices_fn=None,
+    val_slices: int | None = None,
 ) -> dict:
-    """Train the encoder on clean volumes with on-the-fly simulated artifacts; write the checkpoint.
+    """Train the encoder on the inference path; write ``encoder.safetensors`` + ``model.json`` to ``out_dir``.
 
-    Whole volumes are held out for validation (``val_fraction`` of them, chosen with ``seed``, or the
-    explicit ``val_volumes``). Clean slices of every volume are extracted once (:mod:`artifactqc.slices`)
-    and cached in memory; each step draws anchors/positives from the cache and corrupts them with
-    ``simulate.simulate_slices`` (``simulate_fn`` overrides it, for tests only). Validation uses a fixed
-    set of freshly simulated slices (its own seed, never training batches). Early stopping on the
-    validation loss with ``patience`` epochs; the best epoch's weights are saved to
-    ``out_dir/encoder.safetensors`` with ``out_dir/model.json``. Returns the metrics dict.
+    Training data (see :func:`make_pool_entry`): every training volume is loaded once (canonical, normalised).
+    A pool of at most ``pool_size`` corrupted volumes is built with the 3D simulator at native resolution
+    (random type incl. ``"mix"``, severity U(0,1), deterministic seeds; ``pool_init_per_volume`` per volume
+    first) and their slices are extracted with the scorer's code, so normalisation happens after corruption
+    exactly as at scoring. After every epoch the pool is refreshed (oldest out) for ``sim_time_fraction`` of
+    the wall time (e.g. 0.45: 45 % simulating, 55 % training). Volume augmentations before the simulation:
+    ``contrast_augment`` (gamma/inversion), ``mask_augment`` (skull-stripped look), ``resample_augment``
+    (coarser grid). ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the
+    cheap 2D simulator on the clean slices (off by default).
+
+    Validation (held-out whole volumes: ``val_fraction`` of them chosen with ``seed``, or ``val_volumes``):
+    the volumes are corrupted once in 3D (every single type at ``val_severities`` plus a mixture, own seed),
+    scored per volume like :func:`artifactqc.score.score_volume` (trimmed mean over the scorer's slices), and
+    ``val_loss`` = mean (score - 2 SS)^2 + mean BCE of the volume-level severities. BatchNorm statistics are
+    recomputed exactly before each validation (``bn_recalib_batches`` training batches). Early stopping on
+    ``val_loss`` with ``patience``; ``max_minutes`` caps the whole run. Broken or too-small training files
+    are skipped with a warning (recorded in ``model.json``). ``simulate_fn(data, artifact, severity, seed,
+    spacing) -> (array, params)`` overrides the 3D simulator and ``simulate_slices_fn`` the 2D one (tests).
+    ``val_slices`` is accepted for backwards compatibility and ignored. Returns the metrics dict.
     """
+    from .score import aggregate
+
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
@@ -460,9 +767,9 @@ def train_encoder(
     except Exception:  # pragma: no cover
         pass
     dev = resolve_device(device)
-    sim = simulate_fn or _simulate
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = None if max_minutes is None else t_start + 60.0 * float(max_minutes)
 
     vols = [str(v) for v in volumes]
     if val_volumes is not None:
@@ -476,86 +783,110 @@ def train_encoder(
     if not train_set or not val_set:
         raise ValueError(f"need at least one training and one validation volume (got {len(vols)} volumes)")
 
-    slice_cfg = SliceConfig(image_size=image_size, pixel_mm=pixel_mm)
+    slice_cfg = SliceConfig(image_size=image_size, pixel_mm=pixel_mm)  # scoring geometry (stored in model.json)
+    train_cfg = SliceConfig(image_size=image_size, pixel_mm=pixel_mm, slices_per_axis=int(train_slices_per_axis))
 
-    def cache(paths, per_axis):
-        cfg = SliceConfig(image_size=image_size, pixel_mm=pixel_mm, slices_per_axis=per_axis)
-        arrays, owners, axes, used, skipped = [], [], [], [], []
+    def load(paths, with_brain):
+        used, skipped = [], []
         for p in paths:
             try:
-                s, _ = extract_slices(p, cfg)
+                used.append(_load_clean_volume(p, train_cfg, with_brain))
             except Exception as exc:  # a broken training file must not kill training
-                log.warning("skipping %s: %s: %s", p, type(exc).__name__, exc)
-                skipped.append({"path": p, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            # drop nearly empty slices (little foreground)
-            keep = (s > 0.1).mean(axis=(1, 2)) > 0.03
-            s = s[keep]
-            arrays.append(torch.from_numpy(np.ascontiguousarray(s)))
-            owners += [len(used)] * len(s)
-            axes += list(np.repeat(np.arange(3), per_axis)[keep])
-            used.append(p)
-        if not arrays:
-            raise ValueError("no usable volumes")
-        return torch.cat(arrays)[:, None], np.asarray(owners), np.asarray(axes), used, skipped
+                msg = str(exc) if isinstance(exc, TrainingVolumeError) else f"{p}: {_err(exc)}"
+                log.warning("skipping training volume %s", msg)
+                skipped.append({"path": p, "error": msg})
+        return used, skipped
 
-    log.info("caching clean slices of %d training and %d validation volumes", len(train_set), len(val_set))
-    tr_x, tr_own, tr_axis, train_used, skipped_tr = cache(train_set, train_slices_per_axis)
-    va_x, va_own, _, val_used, skipped_va = cache(val_set, max(4, train_slices_per_axis // 2))
-    by_vol = [np.nonzero(tr_own == i)[0] for i in range(len(train_used))]
-    log.info("cached %d training slices, %d validation slices (%.1f s)", len(tr_x), len(va_x),
-             time.perf_counter() - t_start)
+    log.info("loading %d training and %d validation volumes", len(train_set), len(val_set))
+    tr_vols, skipped_tr = load(train_set, mask_augment > 0)
+    va_vols, skipped_va = load(val_set, False)
+    if not tr_vols:
+        raise ValueError(f"no usable training volumes ({len(skipped_tr)} skipped: see the warnings)")
+    if not va_vols:
+        raise ValueError(f"no usable validation volumes ({len(skipped_va)} skipped: see the warnings)")
+    log.info("loaded %d + %d volumes (%.1f s)", len(tr_vols), len(va_vols), time.perf_counter() - t_start)
 
-    # fixed validation set: fresh simulation with its own seed, never a training batch
-    vgen = torch.Generator().manual_seed(seed + 7919)
-    vrng = np.random.default_rng(seed + 7919)
-    nv = int(val_slices)
-    idx = vrng.integers(0, len(va_x), nv)
-    v_clean = va_x[idx]
-    single = [a for a in TRAIN_ARTIFACTS if a != "mix"]
-    v_arts = [single[i % len(single)] if i % 6 else "mix" for i in range(nv)]
-    v_sev = torch.from_numpy(vrng.uniform(0, 1, nv).astype(np.float32))
-    v_neg, v_tgt = sim(v_clean, v_arts, v_sev, vgen)
+    t0 = time.perf_counter()
+    val_items = _val_items(va_vols, slice_cfg, tuple(val_severities), seed, simulate_fn)
+    log.info("validation set: %d volumes (%d clean), 3D-simulated in %.1f s", len(val_items), len(va_vols),
+             time.perf_counter() - t0)
+
+    aug = {"contrast": contrast_augment, "mask": mask_augment, "resample": resample_augment}
+    pool = _Pool(tr_vols, train_cfg, pool_size, seed, simulate_fn, aug)
+    n_init = min(pool.capacity, max(2, int(pool_init_per_volume) * len(tr_vols)))
+    t0 = time.perf_counter()
+    init_budget = None if deadline is None else 0.35 * (deadline - time.perf_counter())
+    pool.fill(n_init, init_budget)
+    log.info("initial pool: %d corrupted volumes in %.1f s (%.2f s each)", len(pool.entries),
+             time.perf_counter() - t0, (time.perf_counter() - t0) / max(1, len(pool.entries)))
 
     gen = torch.Generator().manual_seed(seed)
+    bn_gen_seed = seed + 31
     enc_cfg = EncoderConfig.from_dict(encoder or {})
     model = ArtifactEncoder(enc_cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.15)
+    t_loop = time.perf_counter()
+    step = 0
+
+    def set_lr() -> float:
+        """Warm-up (first 10 %) then cosine decay to 2 % of ``lr`` over the run's progress: the larger of the
+        step fraction and, with ``max_minutes``, the elapsed fraction of the remaining time budget (so a
+        time-capped run still anneals)."""
+        prog = step / total_steps
+        if deadline is not None:
+            prog = max(prog, (time.perf_counter() - t_loop) / max(1e-6, deadline - t_loop))
+        prog = min(prog, 1.0)
+        f = min(1.0, (prog + 1.0 / total_steps) / 0.1) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * prog)))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        return lr * f
+
+    sim2d = simulate_slices_fn or _simulate
+    single = [a for a in TRAIN_ARTIFACTS if a != "mix"]
 
     def evaluate() -> dict:
+        bgen = torch.Generator().manual_seed(bn_gen_seed)
+        batches = []
+        for _ in range(int(bn_recalib_batches)):
+            xa, xp, xn, xn2, _, _ = pool.sample(batch_size, bgen)
+            batches.append(torch.cat([xa, xp, xn, xn2]))
+        _recalibrate_bn(model, batches, dev)
         model.eval()
-        outs = {"score": [], "sev": []}
-        clean_scores = []
+        rows = []
         with torch.no_grad():
-            for i in range(0, nv, 128):
-                o = model(v_neg[i:i + 128].to(dev))
-                outs["score"].append(o["score"].cpu())
-                outs["sev"].append(torch.sigmoid(o["severity_logits"]).cpu())
-                c = model(v_clean[i:i + 128].to(dev))
-                clean_scores.append(c["score"].cpu())
-        s = torch.cat(outs["score"])
-        sv = torch.cat(outs["sev"])
-        cs = torch.cat(clean_scores)
-        calib = float(((s - SCORE_SCALE * v_sev) ** 2).mean() + (cs**2).mean())
-        heads = float(F.binary_cross_entropy(sv.clamp(1e-6, 1 - 1e-6), v_tgt))
-        ss = v_sev.numpy()
-        sc = s.numpy()
+            for it in val_items:
+                o = model(it["slices"].to(dev))
+                pred = {"score": o["score"].cpu().numpy(), "severity": torch.sigmoid(o["severity_logits"]).cpu().numpy(),
+                        "latent": o["latent"].cpu().numpy()}
+                rows.append(aggregate(pred))
+        model.train()
+        sc = np.array([r["score"] for r in rows])
+        sv = np.array([[r[f"severity_{h}"] for h in HEADS] for r in rows])
+        ss = np.array([it["severity"] for it in val_items])
+        tg = np.stack([it["targets"].numpy() for it in val_items])
+        arts = [it["artifact"] for it in val_items]
+        calib = float(((sc - SCORE_SCALE * ss) ** 2).mean())
+        p = np.clip(sv, 1e-6, 1 - 1e-6)
+        heads = float(-(tg * np.log(p) + (1 - tg) * np.log(1 - p)).mean())
         per_type = {}
         for a in single:
-            m = np.array([x == a for x in v_arts])
+            m = np.array([x in (a, "none") for x in arts])
             per_type[a] = _spearman(ss[m], sc[m])
-        hi = np.array([x != "mix" for x in v_arts]) & (ss >= 0.5)
-        acc = float((sv[hi].argmax(1).numpy() == v_tgt[hi].argmax(1).numpy()).mean()) if hi.any() else float("nan")
-        model.train()
+        hi = np.array([x not in ("mix", "none") for x in arts]) & (ss >= 0.5)
+        acc = float((sv[hi].argmax(1) == tg[hi].argmax(1)).mean()) if hi.any() else float("nan")
+        clean = sc[np.array([x == "none" for x in arts])]
         return {
             "val_loss": calib + heads,
+            "val_calib_mse": calib,
+            "val_heads_bce": heads,
             "val_pearson": _pearson(ss, sc),
             "val_spearman_by_type": per_type,
             "val_head_acc_ss05": acc,
-            "val_clean_score_mean": float(cs.mean()),
-            "val_clean_score_sd": float(cs.std()),
+            "val_clean_score_mean": float(clean.mean()),
+            "val_clean_score_sd": float(clean.std()),
+            "val_score_at_0.5": float(sc[np.abs(ss - 0.5) < 0.11].mean()) if (np.abs(ss - 0.5) < 0.11).any()
+            else float("nan"),
         }
 
     history = []
@@ -569,47 +900,55 @@ def train_encoder(
         sums: dict[str, float] = {}
         for _ in range(steps_per_epoch):
             b = batch_size
-            vi = torch.randint(0, len(by_vol), (b,), generator=gen).numpy()
-            ia = np.empty(b, dtype=np.int64)
-            ip = np.empty(b, dtype=np.int64)
-            for k, v in enumerate(vi):
-                cand = by_vol[v]
-                j = cand[int(torch.randint(0, len(cand), (1,), generator=gen))]
-                others = cand[tr_axis[cand] != tr_axis[j]]
-                pool = others if len(others) else cand
-                ia[k] = j
-                ip[k] = pool[int(torch.randint(0, len(pool), (1,), generator=gen))]
-            xa, xp = tr_x[ia], tr_x[ip]
-            sel, gamma, inv = _contrast_augment(xa, gen, contrast_augment)
-            xa = _apply_contrast(xa, sel, gamma, inv)
-            xp = _apply_contrast(xp, sel, gamma, inv)
-            art_idx = torch.randint(0, len(TRAIN_ARTIFACTS), (b,), generator=gen).tolist()
-            arts = [TRAIN_ARTIFACTS[i] for i in art_idx]
-            sev = torch.rand(b, generator=gen)
-            # one simulation call for both views: same artifact and severity, independent random draws
-            neg, tgt = sim(torch.cat([xa, xp]), arts + arts, torch.cat([sev, sev]), gen)
-            xn, xn2, tgt = neg[:b], neg[b:], tgt[:b]
+            xa, xp, xn, xn2, sev, tgt = pool.sample(b, gen)
+            if slice_sim_fraction > 0:
+                k = int(round(slice_sim_fraction * b))
+                if k > 0:
+                    sel, gamma, inv = _contrast_augment(xa[:k], gen, contrast_augment)
+                    ca = _apply_contrast(xa[:k], sel, gamma, inv)
+                    cp = _apply_contrast(xp[:k], sel, gamma, inv)
+                    arts = [TRAIN_ARTIFACTS[i] for i in torch.randint(0, len(TRAIN_ARTIFACTS), (k,), generator=gen)]
+                    s2 = torch.rand(k, generator=gen)
+                    neg, t2 = sim2d(torch.cat([ca, cp]), arts + arts, torch.cat([s2, s2]), gen)
+                    xa, xp = torch.cat([ca, xa[k:]]), torch.cat([cp, xp[k:]])
+                    xn, xn2 = torch.cat([neg[:k], xn[k:]]), torch.cat([neg[k:], xn2[k:]])
+                    sev, tgt = torch.cat([s2, sev[k:]]), torch.cat([t2[:k].float(), tgt[k:]])
+            cur_lr = set_lr()
+            step += 1
             out = model(torch.cat([xa, xp, xn, xn2]).to(dev))
-            parts_out = [{k: v[i * b:(i + 1) * b] for k, v in out.items()} for i in range(4)]
+            parts_out = [{k_: v[i * b:(i + 1) * b] for k_, v in out.items()} for i in range(4)]
             loss, parts = encoder_loss(*parts_out, sev.to(dev), tgt.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            sched.step()
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k_, v in parts.items():
+                sums[k_] = sums.get(k_, 0.0) + v
+        t_train = time.perf_counter() - t_ep
         train_metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
         val = evaluate()
-        rec = {"epoch": epoch, **train_metrics, **val, "seconds": time.perf_counter() - t_ep,
-               "lr": sched.get_last_lr()[0]}
+        # refresh part of the pool: simulate for sim_time_fraction of the wall time
+        t_sim = time.perf_counter()
+        f = min(max(float(sim_time_fraction), 0.0), 0.95)
+        budget = t_train * f / (1.0 - f)
+        if deadline is not None:
+            budget = min(budget, max(0.0, deadline - time.perf_counter() - 1.5 * t_train))
+        if pool_refresh is not None:  # deterministic: a fixed number of new corrupted volumes per epoch
+            added = pool.fill(int(pool_refresh))
+        else:
+            added = pool.fill(10**9, budget) if budget > 0 else 0
+        rec = {"epoch": epoch, **train_metrics, **val, "seconds": time.perf_counter() - t_ep, "train_seconds": t_train,
+               "sim_seconds": time.perf_counter() - t_sim, "pool_added": added, "pool_made": pool.made,
+               "lr": cur_lr}
         history.append(rec)
         sp = " ".join(f"{k[:4]}={v:.2f}" for k, v in val["val_spearman_by_type"].items())
         log.info(
-            "epoch %d/%d loss %.4f | val loss %.4f r %.3f headacc %.2f clean %.3f±%.3f | spearman %s | %.1fs",
-            epoch, epochs, train_metrics["train_loss"], val["val_loss"], val["val_pearson"],
-            val["val_head_acc_ss05"], val["val_clean_score_mean"], val["val_clean_score_sd"], sp, rec["seconds"],
+            "epoch %d/%d loss %.4f | val loss %.4f r %.3f headacc %.2f clean %.3f±%.3f s@0.5 %.2f | spearman %s | "
+            "train %.0fs sim %.0fs (+%d, pool %d, made %d)",
+            epoch, epochs, train_metrics["train_loss"], val["val_loss"], val["val_pearson"], val["val_head_acc_ss05"],
+            val["val_clean_score_mean"], val["val_clean_score_sd"], val["val_score_at_0.5"], sp, t_train,
+            rec["sim_seconds"], added, len(pool.entries), pool.made,
         )
         if val["val_loss"] < best["val_loss"] - 1e-4:
             best = {"val_loss": val["val_loss"], "epoch": epoch}
@@ -621,7 +960,7 @@ def train_encoder(
                 stop_reason = f"early stopping: no improvement for {patience} epochs"
                 log.info(stop_reason)
                 break
-        if max_minutes is not None and (time.perf_counter() - t_start) / 60 > max_minutes:
+        if deadline is not None and time.perf_counter() + 1.2 * t_train > deadline:
             stop_reason = f"time limit of {max_minutes} min"
             log.info("stopping: %s", stop_reason)
             break
@@ -632,7 +971,11 @@ def train_encoder(
     manifest_sha = sha256_file(manifest) if manifest and Path(manifest).is_file() else None
     hp = dict(val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
               image_size=image_size, pixel_mm=pixel_mm, steps_per_epoch=steps_per_epoch,
-              train_slices_per_axis=train_slices_per_axis, val_slices=val_slices, contrast_augment=contrast_augment,
+              train_slices_per_axis=train_slices_per_axis, val_severities=list(val_severities),
+              pool_size=pool_size, pool_init_per_volume=pool_init_per_volume, sim_time_fraction=sim_time_fraction,
+              pool_refresh=pool_refresh,
+              contrast_augment=contrast_augment, mask_augment=mask_augment, resample_augment=resample_augment,
+              slice_sim_fraction=slice_sim_fraction, bn_recalib_batches=bn_recalib_batches,
               weight_decay=weight_decay, max_minutes=max_minutes, device=str(dev), threads=threads)
     metrics = {
         "best_epoch": best["epoch"],
@@ -640,8 +983,9 @@ def train_encoder(
         "epochs_run": len(history),
         "stop_reason": stop_reason,
         "train_seconds": time.perf_counter() - t_start,
-        "n_train_slices": int(len(tr_x)),
-        "n_val_slices": int(len(va_x)),
+        "simulation_seconds": pool.sim_seconds,
+        "n_corrupted_volumes": pool.made,
+        "n_val_items": len(val_items),
         "final": history[best["epoch"] - 1] if best["epoch"] > 0 else None,
     }
     meta = {
@@ -650,10 +994,11 @@ def train_encoder(
             "hyperparameters": hp,
             "manifest": str(manifest) if manifest else None,
             "manifest_sha256": manifest_sha,
-            "train_volumes": train_used,
-            "val_volumes": val_used,
+            "train_volumes": [v.path for v in tr_vols],
+            "val_volumes": [v.path for v in va_vols],
             "skipped_volumes": skipped_tr + skipped_va,
-            "simulator": "artifactqc.simulate.simulate_slices" if simulate_fn is None else repr(simulate_fn),
+            "data_path": "3D simulation at native resolution, then slices.extract_from_array (inference path)",
+            "simulator": "artifactqc.simulate.simulate_volume" if simulate_fn is None else repr(simulate_fn),
             "artifacts": list(TRAIN_ARTIFACTS),
             "epochs": history,
             **metrics,
