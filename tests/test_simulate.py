@@ -387,3 +387,12 @@ def test_cli_anisotropy_preserves_affine_and_records_fractional_spacing(tmp_path
     assert side["thickness_factor"] == pytest.approx(S.severity_to_param("anisotropy", 0.45))
     assert 0 <= side["offset_voxels"] < side["slice_spacing_voxels"]
     assert side == json.loads(json.dumps(p))
+
+
+@pytest.mark.parametrize("shape", [(7, 8, 9), (10, 5, 6)])
+def test_bias_log_field_equals_torchio_polynomial(shape):
+    import torchio as tio
+
+    c = np.random.default_rng(1).standard_normal(20) * 0.3
+    ref = np.log(tio.BiasField.generate_bias_field(np.zeros((1, *shape)), 3, c.tolist()))
+    np.testing.assert_allclose(S._bias_log_field(shape, 3, c), ref, atol=1e-6)

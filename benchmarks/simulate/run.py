@@ -6,7 +6,9 @@
         CALIBRATION block of src/artifactqc/simulate.py (+ calibration.json here).
     python benchmarks/simulate/run.py validate   -> results.json, results.md (severity -> SSIM table,
         Spearman per type per volume, band at severity 0.5, mixtures)
-    python benchmarks/simulate/run.py speed      -> speed.json (slices/s per type, 128x128, CPU)
+    python benchmarks/simulate/run.py speed      -> speed_threads1.json (slices/s per type, 128x128, CPU)
+    python benchmarks/simulate/run.py trainstep  -> trainstep_threads2.json (simulation vs encoder
+        forward+backward per training step, 4 x 32 slices, 2 threads; 3D simulate_volume seconds per type)
 """
 
 from __future__ import annotations
@@ -360,12 +362,105 @@ def speed(n: int = 512, reps: int = 3, threads: int = 1):
     (HERE / f"speed_threads{threads}.json").write_text(json.dumps(res, indent=1))
 
 
+def _step_loss(out):
+    """A stand-in training loss touching every output (the real loss's cost is negligible next to the convs)."""
+    return sum(v.float().square().mean() for v in out.values())
+
+
+def trainstep(data_dir: Path, threads: int = 2, reps: int = 7, triplets: int = 32):
+    """Simulation time of one training step's slices vs the encoder's forward+backward on the same batch.
+
+    A training step feeds 4 x ``triplets`` slices of 128x128 (anchor, positive, two negatives) through
+    ``artifactqc.model.ArtifactEncoder`` (default config, train mode, AdamW step). The 2D simulator corrupts
+    the two negatives (2 x ``triplets`` slices); the worst case (all 4 x ``triplets`` slices) is timed too.
+    Each repetition times the train step and every simulation back to back, so both see the same machine
+    load; medians are reported. Then ``simulate_volume`` (3D, the pool of inference-path training volumes)
+    is timed per type on a 1 mm volume and on a 0.88 mm whole-head volume cropped to the head.
+    """
+    import torch
+
+    from artifactqc import simulate as S
+    from artifactqc.model import ArtifactEncoder
+
+    torch.set_num_threads(threads)
+    n = 4 * triplets
+    if (data_dir / "MANIFEST.tsv").is_file():
+        x, _ = _slices(data_dir)
+        x = x[torch.arange(n) % len(x)].contiguous()
+        src = "real slices (the calibration slices, repeated)"
+    else:
+        sys.exit(f"development data not found at {data_dir} (pass --data)")
+    g = torch.Generator().manual_seed(0)
+    model = ArtifactEncoder()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step():
+        out = model(x)
+        loss = _step_loss(out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    kinds = S.ARTIFACTS + ("mix",)
+    sev = torch.rand(n, generator=g) * 0.9 + 0.1
+    timings = {"train_step": []}
+    timings.update({f"sim_{a}_{k}": [] for a in kinds for k in (n // 2, n)})
+    train_step()  # warm-up
+    for a in kinds:
+        S.simulate_slices(x[:8], [a] * 8, sev[:8], generator=g)
+    for r in range(reps):
+        t = time.perf_counter()
+        train_step()
+        timings["train_step"].append(time.perf_counter() - t)
+        for a in kinds:
+            for k in (n // 2, n):
+                t = time.perf_counter()
+                S.simulate_slices(x[:k], [a] * k, sev[:k], generator=g)
+                timings[f"sim_{a}_{k}"].append(time.perf_counter() - t)
+        print(f"rep {r}: train step {timings['train_step'][-1]:.3f} s", flush=True)
+    med = {k: float(np.median(v)) for k, v in timings.items()}
+    res = {"torch_threads": threads, "batch": f"4 x {triplets} slices of 128x128", "slices": src,
+           "note": "medians of interleaved repetitions on a shared, loaded 2-core machine",
+           "loadavg_start": os.getloadavg()[0], "train_step_s": round(med["train_step"], 4), "types": {}}
+    for a in kinds:
+        s2, s4 = med[f"sim_{a}_{n // 2}"], med[f"sim_{a}_{n}"]
+        res["types"][a] = {"sim_negatives_s": round(s2, 4), "sim_all_s": round(s4, 4),
+                           "slices_per_s": round(n / s4, 1), "fraction_of_train_step_negatives": round(s2 / med["train_step"], 3)}
+        print(f"{a:10s} negatives {s2 * 1000:7.1f} ms  all {s4 * 1000:7.1f} ms  ({s2 / med['train_step']:.2f} of a step)")
+    # 3D simulate_volume per type
+    from artifactqc.io import foreground_mask
+
+    vols3 = {"stroke_T1 (1 mm, brain, 124x160x140)": "volumes/VolumeRenderingData/stroke_T1.nii.gz",
+             "chris_t1 (0.88 mm, whole head, cropped to the head + 8 voxels)": "volumes/niivue-images/chris_t1.nii.gz"}
+    res["volume_3d"] = {}
+    for name, rel in vols3.items():
+        d, _, sp = _load(data_dir, rel)
+        idx = np.nonzero(foreground_mask(d))
+        box = tuple(slice(max(int(i.min()) - 8, 0), int(i.max()) + 9) for i in idx)
+        d = np.ascontiguousarray(d[box])
+        row = {"shape": list(d.shape), "spacing_mm": [round(v, 3) for v in sp]}
+        for a in kinds:
+            ts = []
+            for sd in range(3):
+                t = time.perf_counter()
+                S.simulate_volume(d, a, 0.5, seed=sd, spacing=sp)
+                ts.append(time.perf_counter() - t)
+            row[a] = round(float(np.median(ts)), 3)
+        res["volume_3d"][name] = row
+        print(name, row, flush=True)
+    res["loadavg_end"] = os.getloadavg()[0]
+    (HERE / f"trainstep_threads{threads}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["calibrate", "validate", "speed"])
+    ap.add_argument("mode", choices=["calibrate", "validate", "speed", "trainstep"])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the speed test")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the speed test (default 1) / trainstep (default 2)")
     ap.add_argument("--types", nargs="*", default=None, help="calibrate only these types (merge with the rest)")
     ap.add_argument("--seeds", type=int, default=3, help="random draws per volume in the 3D sweeps")
     args = ap.parse_args()
@@ -377,8 +472,10 @@ def main():
         calibrate(data_dir, args.workers, args.types, args.seeds)
     elif args.mode == "validate":
         validate(data_dir, args.workers, args.seeds)
+    elif args.mode == "trainstep":
+        trainstep(data_dir, threads=args.threads or 2)
     else:
-        speed(threads=args.threads)
+        speed(threads=args.threads or 1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ Two paths share one severity scale:
 * :func:`simulate_volume` corrupts a 3D volume (numpy, intensities normalised to about [0, 1] with
   :func:`artifactqc.io.normalize_intensity`) and returns every applied parameter. Ghosting, bias field and
   motion use TorchIO's *deterministic* transforms (``tio.Ghosting``, ``tio.BiasField``, ``tio.Motion``)
-  with explicitly drawn parameters; noise (Rician / coloured k-space noise) and anisotropy (thick slices
-  with a Gaussian slice profile, then linear interpolation back to the grid) are implemented here because
-  TorchIO has no Rician noise and its ``RandomAnisotropy`` has no slice profile or anti-aliasing.
+  with explicitly drawn parameters; noise (Rician / coloured k-space noise) and anisotropy are implemented
+  here because TorchIO has no Rician noise and its ``RandomAnisotropy`` has no slice profile or
+  anti-aliasing. Anisotropy (:func:`thick_slices_lastdim`) acquires contiguous thick slices along one axis:
+  slice thickness = slice spacing = ``thickness_factor`` voxels (fractional), slice centres anchored on a
+  random voxel, each slice integrating the linearly interpolated image against a Gaussian slice profile,
+  then linear interpolation back to the grid. The result is continuous in the thickness (no steps at
+  integer factors) and a factor of 1 is the identity.
 * :func:`simulate_slices` is the batched 2D path used for training (torch, CPU, thousands of slices/s).
 
 Severity
@@ -354,13 +358,31 @@ def _bias_terms(order: int, ndim: int):
     return terms
 
 
-def _bias_3d(data, lstd, rng, spacing):
-    import torchio as tio
+def _bias_log_field(shape, order: int, coefs) -> np.ndarray:
+    """log of ``tio.BiasField.generate_bias_field(data, order, coefs)`` (same coordinates: voxel centres
+    about the middle, each axis divided by its maximum; same term order), evaluated separably: the
+    polynomial is a sum of products of 1D powers, so it is three small tensor contractions instead of one
+    full-volume pass per term (~20x faster on a 1 mm head)."""
+    C = np.zeros((order + 1,) * 3)
+    for c, (i, j, k) in zip(coefs, _bias_terms(order, 3)):
+        C[i, j, k] = c
+    P = []
+    for n in shape:
+        r = np.arange(-n / 2.0, n / 2.0) + 0.5
+        if r.max() > 0:
+            r = r / r.max()
+        P.append(np.stack([r**p for p in range(order + 1)], axis=1))  # [n, order+1]
+    t = np.tensordot(C, P[2], axes=([2], [1]))  # [i, j, c]
+    t = np.tensordot(t, P[1], axes=([1], [1]))  # [i, c, b]
+    out = np.tensordot(P[0], t, axes=([1], [0]))  # [a, c, b]
+    return np.ascontiguousarray(out.transpose(0, 2, 1))
 
+
+def _bias_3d(data, lstd, rng, spacing):
     order = 3
     terms = _bias_terms(order, 3)
     coefs = rng.standard_normal(len(terms)) * np.array([_BIAS_DECAY[sum(t)] for t in terms])
-    logf = np.log(tio.BiasField.generate_bias_field(data[None], order, coefs.tolist()))
+    logf = _bias_log_field(data.shape, order, coefs)
     mask = _fg(data)
     m, s = float(logf[mask].mean()), float(logf[mask].std())
     scale = float(lstd) / max(s, 1e-8)
@@ -368,7 +390,7 @@ def _bias_3d(data, lstd, rng, spacing):
     coefs[0] -= m * scale  # zero mean of log-field in the mask: no global intensity change
     # identical to tio.BiasField(coefficients=coefs, order=order)(data) (tested), without re-evaluating
     # the polynomial a second time
-    out = data * np.exp((logf - m) * scale).astype(np.float32)
+    out = data * np.exp(((logf - m) * scale).astype(np.float32))
     params = {
         PARAM_NAMES["bias"]: float(lstd),
         "order": order,
