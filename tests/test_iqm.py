@@ -206,3 +206,17 @@ def test_real_t1_plausible(shared_data):
     assert 0.2 < out["cjv"] < 1.0 and out["cnr"] > 1.0
     assert 0.3 < out["efc"] < 0.9 and 0.9 < out["inu_med"] < 1.1
     assert abs(sum(out[f"icvs_{t}"] for t in iqm.TISSUES) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("zooms", [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), (1.0, 1.2, 3.0)])
+def test_distance_morphology_equals_structuring_element(zooms):
+    """The distance-transform dilation/erosion equal scipy's with the explicit ellipsoidal ball."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    mask = ndi.gaussian_filter(rng.random((40, 36, 30)), 2.0) > 0.5
+    r = [int(round(5.0 / z)) for z in zooms]
+    grids = np.ogrid[tuple(slice(-v, v + 1) for v in r)]
+    ball = sum((g / max(v, 1)) ** 2 for g, v in zip(grids, r)) <= 1.0
+    assert np.array_equal(iqm._dilate_mm(mask, 5.0, zooms), ndi.binary_dilation(mask, structure=ball))
+    assert np.array_equal(iqm._erode_mm(mask, 5.0, zooms), ndi.binary_erosion(mask, structure=ball))

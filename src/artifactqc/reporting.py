@@ -9,13 +9,12 @@ the flow and the encoder folders) and the plotting/evaluation functions of :mod:
 * :func:`evaluate_labels` — rating → fail mapping, metrics with bootstrap CIs for ``score > threshold``,
   each τ flag and ``flagged``, AUROC of the continuous score, a markdown table and a ROC figure.
 
-Image rulers (:func:`ruler_rungs`): the model's own slices of one clean reference volume per contrast
-(lowest score among the volumes that are not flagged) are corrupted with
-:func:`artifactqc.simulate.simulate_slices` — the same 2D simulator the encoder was trained with — at
-increasing severity with fixed random draws; the rung's score is the volume score (trimmed mean over all
-slices, as in :mod:`artifactqc.score`) of the corrupted slices, and the displayed image is the axial
-mid-slice. This takes well under a second per rung on CPU, where corrupting the full 3D volume
-(:func:`artifactqc.simulate.simulate_volume`) takes up to ~17 s per rung for motion.
+Image rulers (:func:`ruler_rungs`): one clean reference volume per contrast (lowest score among the volumes
+that are not flagged) is corrupted in 3D with :func:`artifactqc.simulate.simulate_volume` — the simulator
+the encoder's training pool uses — at increasing severity with fixed random draws, and each corrupted
+volume is scored exactly like a cohort volume (model slices, encoder, trimmed mean); the displayed image is
+the axial mid-slice of the model's slices. A 3D corruption costs seconds per rung (motion the most), so
+the number of rungs (``report.ruler.severities``) sets most of the figure job's time.
 """
 
 from __future__ import annotations
@@ -88,29 +87,33 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
                 batch_size: int = 64) -> list[tuple[float, np.ndarray, float]]:
     """``[(severity, display image, volume score), …]`` for :func:`artifactqc.report.plot_image_ruler`.
 
-    The volume's model slices (:func:`artifactqc.slices.extract_slices` with the model's slice geometry)
-    are corrupted with :func:`artifactqc.simulate.simulate_slices` at each severity with the same seed
-    (only the severity changes between rungs), scored with the encoder and aggregated like a cohort volume
-    (:func:`artifactqc.score.aggregate`). The image is the axial mid-slice, oriented for ``plot_image_ruler``
-    (which rotates by 90°).
+    The volume (intensities normalised as for training, :func:`artifactqc.io.normalize_intensity`) is
+    corrupted in 3D at its native resolution with :func:`artifactqc.simulate.simulate_volume` at each
+    severity > 0 with the same seed (only the severity changes between rungs; rung 0 is the file as scored),
+    then goes through the scorer's
+    own path: :func:`artifactqc.slices.extract_from_array` with the model's slice geometry, the encoder and
+    :func:`artifactqc.score.aggregate` — so each rung's score is the score a cohort volume with that
+    artifact would get. The image is the axial mid-slice, oriented for ``plot_image_ruler`` (which rotates
+    by 90°).
     """
-    import torch
-
+    from .io import load_volume, normalize_intensity
     from .score import aggregate, predict_slices
-    from .simulate import simulate_slices
-    from .slices import extract_slices
+    from .simulate import simulate_volume
+    from .slices import extract_from_array
 
-    sl, _ = extract_slices(path, model.slice_cfg)
+    vol = load_volume(path)
+    data = normalize_intensity(vol.data)
     n_ax = int(model.slice_cfg.slices_per_axis)
-    mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
-    x = torch.from_numpy(np.ascontiguousarray(sl, dtype=np.float32))[:, None]
     rungs = []
     for s in severities:
-        g = torch.Generator().manual_seed(int(seed))
-        y = simulate_slices(x, [artifact] * x.shape[0], torch.full((x.shape[0],), float(s)), generator=g)
-        arr = y[:, 0].numpy()
-        score = aggregate(predict_slices(model, arr, batch_size))["score"]
-        rungs.append((float(s), np.clip(np.rot90(arr[mid], -1), 0, 1), float(score)))
+        if s == 0:  # the volume exactly as the cohort scoring saw it
+            sl, _ = extract_from_array(vol.data, vol.affine, model.slice_cfg)
+        else:
+            corrupted, _ = simulate_volume(data, artifact, float(s), seed=int(seed), spacing=vol.zooms)
+            sl, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
+        mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
+        score = aggregate(predict_slices(model, sl, batch_size))["score"]
+        rungs.append((float(s), np.clip(np.rot90(sl[mid], -1), 0, 1), float(score)))
     return rungs
 
 

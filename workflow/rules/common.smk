@@ -98,6 +98,14 @@ def model_files():
     return expand(train.output, model_id=config["model"]["id"])
 
 
+def training_selection_files():
+    """The training selection when the workflow trains the encoder (its volumes are kept out of the
+    simulated comparison set); none for a pretrained model."""
+    if config["model"]["pretrained"]:
+        return []
+    return [ancient(rules.training_selection.output[0])]
+
+
 def scoring_enabled():
     """Scoring enters the DAG once there is an encoder to score with."""
     return bool(model_files())
@@ -195,6 +203,8 @@ def final_targets():
     if scoring_enabled():
         targets += [rules.cohort_scores.output.parquet, rules.cohort_scores.output.tsv]
         targets += list(rules.report_figures.output)
+        if config["compare"]["enabled"]:
+            targets += list(rules.compare_mriqc.output)
         if has_labels():
             targets += list(rules.evaluate_labels.output)
     return targets

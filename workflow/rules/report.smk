@@ -89,3 +89,37 @@ rule evaluate_labels:
         "../../envs/artifactqc.yaml"
     script:
         "../scripts/evaluate_labels.py"
+
+
+rule compare_mriqc:
+    input:
+        scores=rules.cohort_scores.output.parquet,
+        model=model_files(),
+        training=training_selection_files(),
+    output:
+        rows="results/compare/simulated.parquet",
+        table="results/report/mriqc_comparison.parquet",
+        markdown=report(
+            "results/report/mriqc_comparison.md",
+            caption="../report/mriqc_comparison.rst",
+            category="6. MRIQC comparison",
+        ),
+    params:
+        artifacts=config["compare"]["artifacts"],
+        severities=config["compare"]["severities"],
+        per_contrast=config["compare"]["per_contrast"],
+        use_n4=config["compare"]["use_n4"],
+        seed=config["compare"]["seed"],
+        device=config["score"]["device"],
+    log:
+        "logs/report/compare_mriqc.log",
+    benchmark:
+        "results/benchmarks/report/compare_mriqc.tsv"
+    threads: config["compare"]["threads"]
+    resources:
+        mem_mb=config["compare"]["mem_mb"],
+        runtime=config["compare"]["runtime"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/compare_mriqc.py"
