@@ -110,3 +110,28 @@ def test_overview_table_adds_failed_volumes():
     assert list(t["status"]) == ["ok", "ok", "failed", "failed"]
     assert t.loc["c", "site"] == "S2" and t.loc["d", "site"] == "?" and t.loc["d", "contrast"] == "unknown"
     assert len(reporting.overview_table(vols, fails.iloc[:0])) == 2
+
+
+def test_label_evaluation_includes_iqms_with_their_direction():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    n = 40
+    fail = np.arange(n) < 12
+    scores = pd.DataFrame({"volume_id": [f"v{i}" for i in range(n)], "status": "ok",
+                           "label": np.where(fail, "fail", "pass"), "score": rng.normal(0.5, 0.3, n) + fail,
+                           "flag_tau5": fail & (rng.random(n) < 0.8), "flagged": fail})
+    cnr = rng.normal(3, 0.5, n) - 1.5 * fail  # low CNR = fail
+    own = pd.DataFrame({"volume_id": scores["volume_id"], "status": ["failed"] + ["ok"] * (n - 1),
+                        "cnr": cnr, "efc": np.nan})
+    mq = pd.DataFrame({"volume_id": scores["volume_id"], "mriqc_status": "ok", "mriqc_cjv": rng.random(n) + fail})
+    table, _ = reporting.evaluate_labels(scores, ["fail"], ["pass"], taus=(5,), n_boot=200, iqm_tables=[own, mq])
+    rows = table.set_index("metric")
+    assert {"cnr", "mriqc_cjv", "score"} <= set(rows.index) and "efc" not in rows.index  # all-NaN IQM left out
+    # the failed IQM row is not evaluated; orientation: low CNR goes with fail
+    assert rows.loc["cnr", "n"] == n - 1
+    assert rows.loc["cnr", "direction"] == "low=fail"
+    assert rows.loc["cnr", "auroc_oriented"] == pytest.approx(1 - roc_auc_score(fail[1:], cnr[1:]))
+    assert rows.loc["mriqc_cjv", "direction"] == "high=fail"
+    md = reporting.label_markdown(table)
+    assert "| cnr | score | 39 |" in md and "low=fail" in md

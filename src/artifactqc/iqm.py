@@ -95,6 +95,29 @@ DIETRICH_FACTOR = 1.0 / math.sqrt(2.0 / (4.0 - math.pi))
 MAD_NORMAL = 1.4826
 
 
+
+#: Column descriptions of IQM tables (Parquet field metadata); IQMs follow MRIQC's names and definitions.
+COLUMN_DOCS = {
+    "volume_id": "volume identifier from the cohort sheet",
+    "path": "input file",
+    "contrast": "contrast used for the tissue order of the segmentation",
+    "status": "ok, or failed (see error_type / error)",
+    "error_type": "kind of failure (empty when ok)",
+    "error": "failure message (empty when ok)",
+    "seconds": "wall seconds for this volume's IQMs",
+    "cjv": "coefficient of joint variation of WM and GM (lower = better)",
+    "cnr": "contrast-to-noise ratio of WM vs GM (higher = better)",
+    "efc": "entropy focus criterion (lower = sharper, less ghosting/blur)",
+    "fber": "foreground-background energy ratio (higher = better)",
+    "wm2max": "WM median / 99.95th percentile of the image",
+    "qi_1": "fraction of artifactual air voxels (Mortamet QI1; lower = better)",
+    "inu_med": "median of the N4 bias field in the brain (NaN without N4)",
+    "inu_range": "95th - 5th percentile of the N4 bias field in the brain (NaN without N4)",
+    "snr_total": "SNR, mean over CSF, GM, WM (higher = better)",
+    "snrd_total": "Dietrich SNR (noise from the air), mean over tissues (higher = better)",
+}
+
+
 def _canonical_contrast(contrast: str) -> str:
     c = str(contrast).strip()
     for key in TISSUE_ORDER:

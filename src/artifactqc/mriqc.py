@@ -26,6 +26,16 @@ import pandas as pd
 #: Contrasts MRIQC's anatomical workflow supports.
 MRIQC_CONTRASTS = ("T1w", "T2w")
 
+#: Column descriptions of the imported table (the ``mriqc_*`` IQM columns are MRIQC's own).
+COLUMN_DOCS = {
+    "volume_id": "volume identifier from the cohort sheet",
+    "path": "input file",
+    "contrast": "contrast from the cohort sheet",
+    "bids_name": "BIDS name the MRIQC rows were joined on",
+    "mriqc_status": "ok (MRIQC row found), failed (supported contrast, no MRIQC row: MRIQC failed or was "
+                    "not run) or unsupported (a contrast MRIQC does not process)",
+}
+
 _NIFTI_EXT = re.compile(r"\.nii(\.gz)?$")
 
 

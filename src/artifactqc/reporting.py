@@ -219,17 +219,47 @@ def label_frame(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterab
     return df, flags
 
 
+#: IQMs whose AUROC the label evaluation reports (artifactqc's own and, with prefix ``mriqc_``, imported).
+EVAL_IQMS = ("cjv", "cnr", "efc", "fber", "snr_total", "snrd_total", "wm2max", "qi_1", "inu_range")
+
+
+def join_iqms(scores: pd.DataFrame, tables: Iterable[pd.DataFrame] = ()) -> tuple[pd.DataFrame, list[str]]:
+    """``scores`` with the :data:`EVAL_IQMS` of each IQM table joined on ``volume_id`` (artifactqc's own
+    table: rows with ``status`` ok; an imported MRIQC table: rows with ``mriqc_status`` ok), and the names
+    of the joined columns that hold at least one finite value."""
+    out = scores.copy()
+    added: list[str] = []
+    for t in tables:
+        if "mriqc_status" in t:
+            t = t[t["mriqc_status"].astype(str) == "ok"]
+            cols = [f"mriqc_{m}" for m in EVAL_IQMS]
+        else:
+            t = t[t["status"].astype(str) == "ok"] if "status" in t else t
+            cols = list(EVAL_IQMS)
+        cols = [c for c in cols if c in t and c not in out and np.isfinite(pd.to_numeric(t[c], errors="coerce")).any()]
+        if not cols:
+            continue
+        right = t.drop_duplicates("volume_id").set_index(t.drop_duplicates("volume_id")["volume_id"].astype(str))
+        for c in cols:
+            out[c] = out["volume_id"].astype(str).map(pd.to_numeric(right[c], errors="coerce"))
+        added += cols
+    return out, added
+
+
 def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterable,
                     taus: Sequence[float] = (5, 3), threshold: float = 1.0, n_boot: int = 1000,
-                    seed: int = 0) -> tuple[pd.DataFrame, dict]:
+                    seed: int = 0, iqm_tables: Iterable[pd.DataFrame] = ()) -> tuple[pd.DataFrame, dict]:
     """Metrics against the manual labels: one row per flag (sensitivity, specificity, balanced accuracy,
-    AUROC of the 0/1 flag) and one for the continuous ``score`` (AUROC), with stratified bootstrap 95 %
-    CIs (:func:`artifactqc.evaluate.evaluate_flags`). Also returns the ROC curves for
+    AUROC of the 0/1 flag), one for the continuous ``score`` and one per IQM of ``iqm_tables``
+    (:func:`join_iqms`; AUROC, and ``auroc_oriented`` = max(AUROC, 1 − AUROC) with its direction, since
+    some IQMs fall and others rise with damage), with stratified bootstrap 95 % CIs
+    (:func:`artifactqc.evaluate.evaluate_flags`). Also returns the ROC curves of the flags and the score for
     :func:`artifactqc.report.plot_roc_curves`."""
     from .evaluate import evaluate_flags, roc_curves
 
+    scores, iqm_cols = join_iqms(scores, iqm_tables)
     df, flags = label_frame(scores, fail_values, pass_values, taus, threshold)
-    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score"], n_boot=n_boot, seed=seed)
+    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score", *iqm_cols], n_boot=n_boot, seed=seed)
     table.insert(2, "n_pass", table["n"] - table["n_fail"])
     curves = {}
     dfn = df.assign(**{c: df[c].astype(float) for c in flags})
@@ -243,8 +273,9 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
 
 
 def label_markdown(table: pd.DataFrame) -> str:
-    """Markdown table ``metric | n | n_fail | sensitivity [CI] | specificity [CI] | balanced acc. [CI] |
-    AUROC [CI]``."""
+    """Markdown table ``metric | kind | n | n_fail | sensitivity [CI] | specificity [CI] | balanced acc. [CI] |
+    AUROC [CI] | direction``; continuous metrics show the oriented AUROC (max(AUROC, 1 − AUROC)) and which
+    end means fail."""
     def cell(r, name):
         v = r[name]
         if not np.isfinite(v):
@@ -252,11 +283,15 @@ def label_markdown(table: pd.DataFrame) -> str:
         lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
         return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
 
-    lines = ["| metric | kind | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| metric | kind | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC | direction |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in table.iterrows():
+        cont = r["kind"] == "score" and "auroc_oriented" in r
+        auc = cell(r, "auroc_oriented" if cont else "auroc")
         lines.append(f"| {r['metric']} | {r['kind']} | {int(r['n'])} | {int(r['n_fail'])} | "
-                     + " | ".join(cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy", "auroc"))
-                     + " |")
-    return ("Label evaluation (positive class = fail; 95 % stratified bootstrap CIs in brackets).\n\n"
+                     + " | ".join(cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy"))
+                     + f" | {auc} | {r.get('direction', '') if cont else ''} |")
+    return ("Label evaluation (positive class = fail; 95 % stratified bootstrap CIs in brackets). For the "
+            "continuous score and the IQMs the AUROC is oriented (max(AUROC, 1 - AUROC)); `direction` says "
+            "whether high or low values go with fail.\n\n"
             + "\n".join(lines) + "\n")

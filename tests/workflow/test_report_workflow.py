@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+from artifactqc import reporting
 from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
 from artifactqc.slices import SliceConfig
 
@@ -54,6 +55,8 @@ def setup(workdir, model_dir, labels=True):
         "score": {"threads": 1},
         "report": {"thumbnails": {"k": 2}, "ruler": {"artifacts": ["noise", "motion"], "severities": [0, 0.5, 1]}},
         "labels": {"n_boot": 50},
+        "iqm": {"use_n4": False},
+        "compare": {"artifacts": ["noise", "bias"], "severities": [0, 0.5, 1], "use_n4": False, "threads": 1},
     }
     (workdir / "test.yaml").write_text(yaml.safe_dump(cfg))
     return rows
@@ -86,12 +89,18 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     cohort = pd.read_parquet(tmp_path / "results/scores/cohort.parquet").set_index("volume_id")
     assert cohort.loc["B-9", "status"] == "failed"
 
-    # label table: one row per flag + the score, counts from the sheet's ratings
+    # label table: one row per flag + the score + each IQM that could be computed (labels on the sheet:
+    # cohort IQMs run), counts from the sheet's ratings
     # ('doubtful' is in neither list, so it is ignored; '1' is pass; the failed B-9 is left out)
     table = pd.read_parquet(rep / "label_metrics.parquet")
-    assert list(table["metric"]) == ["score>1", "flag_tau5", "flag_tau3", "flagged", "score"]
-    assert list(table["kind"]) == ["flag"] * 4 + ["score"]
-    assert (table["n"] == 7).all() and (table["n_fail"] == 2).all() and (table["n_pass"] == 5).all()
+    iqms = pd.read_parquet(tmp_path / "results/iqm/cohort.parquet")
+    assert sorted(iqms["volume_id"]) == sorted(v for v in cohort.index if v != "B-9")
+    assert list(table["metric"])[:5] == ["score>1", "flag_tau5", "flag_tau3", "flagged", "score"]
+    assert set(table["metric"][5:]) <= set(reporting.EVAL_IQMS)
+    assert list(table["kind"]) == ["flag"] * 4 + ["score"] * (len(table) - 4)
+    flags_and_score = table.iloc[:5]
+    assert (flags_and_score["n"] == 7).all() and (flags_and_score["n_fail"] == 2).all()
+    assert (flags_and_score["n_pass"] == 5).all()
     # independent check of the score > 1 row from the cohort table
     fail = {f"{s}-{i}": lab == "fail" for s, labs in LABELS.items() for i, lab in enumerate(labs) if lab != "doubtful"}
     pred = {v: bool(cohort.loc[v, "score"] > 1.0) for v in fail}
@@ -101,12 +110,21 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     assert row["sensitivity"] == pytest.approx(tp / 2)
     assert row["specificity"] == pytest.approx(tn / 5)
     md = (rep / "label_metrics.md").read_text()
-    assert md.count("\n| ") == 6 and "| flagged | flag | 7 | 2 |" in md
+    assert md.count("\n| ") == 1 + len(table) and "| flagged | flag | 7 | 2 |" in md
+
+    # MRIQC comparison on the simulated set: the cleanest scored volume of each contrast, each artifact x severity
+    sim = pd.read_parquet(tmp_path / "results/compare/simulated.parquet")
+    assert len(sim) == 2 * 2 * 3 and set(sim["contrast"]) == {"T1w", "T2w"}
+    for c, g in sim.groupby("contrast"):
+        ok = cohort[(cohort.contrast == c) & (cohort.status == "ok") & ~cohort.flagged.astype(bool)]
+        assert set(g["volume_id"]) == {ok["score"].idxmin()}
+    assert "| noise | Pearson r |" in (rep / "mriqc_comparison.md").read_text()
 
     res = run(tmp_path, "--report", str(tmp_path / "report.zip"))
     with zipfile.ZipFile(tmp_path / "report.zip") as z:
         names = z.namelist()
-    for name in ("cohort_overview.png", "latent_plane.png", "thumbnails_A.png", "ruler_T2w_noise.png", "label_roc.png"):
+    for name in ("cohort_overview.png", "latent_plane.png", "thumbnails_A.png", "ruler_T2w_noise.png", "label_roc.png",
+                 "mriqc_comparison.md"):
         assert any(n.endswith(name) for n in names), (name, res.stderr[-2000:])
 
 

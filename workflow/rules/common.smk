@@ -196,6 +196,20 @@ def has_labels():
     return bool((COHORT["label"].fillna("").astype(str).str.strip() != "").any())
 
 
+def iqms_enabled():
+    """Cohort IQMs run when config iqm.enabled is true, or 'auto' and the sheet has labels."""
+    enabled = config["iqm"]["enabled"]
+    return has_labels() if enabled == "auto" else bool(enabled)
+
+
+def iqm_tables():
+    """IQM tables joined into the label evaluation: artifactqc's own and imported MRIQC results."""
+    tables = [rules.cohort_iqms.output[0]] if iqms_enabled() else []
+    if config["mriqc"]["results"]:
+        tables.append(rules.import_mriqc.output[0])
+    return tables
+
+
 def final_targets():
     if COHORT.empty:
         return []
@@ -207,4 +221,5 @@ def final_targets():
             targets += list(rules.compare_mriqc.output)
         if has_labels():
             targets += list(rules.evaluate_labels.output)
+    targets += iqm_tables()
     return targets

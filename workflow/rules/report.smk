@@ -57,9 +57,58 @@ rule report_figures:
         "../scripts/report_figures.py"
 
 
+rule iqm_shard:
+    input:
+        volumes=rules.ingest_shard.output.volumes,
+    output:
+        "results/iqm/site={site}/part-{part}.parquet",
+    params:
+        use_n4=config["iqm"]["use_n4"],
+    log:
+        "logs/iqm/site={site}/part-{part}.log",
+    benchmark:
+        "results/benchmarks/iqm/site={site}/part-{part}.tsv"
+    threads: config["iqm"]["threads"]
+    resources:
+        mem_mb=config["iqm"]["mem_mb"],
+        runtime=config["iqm"]["runtime"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/iqm_shard.py"
+
+
+rule cohort_iqms:
+    input:
+        shard_files(rules.iqm_shard.output[0]),
+    output:
+        "results/iqm/cohort.parquet",
+    log:
+        "logs/iqm/cohort.log",
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/cohort_iqms.py"
+
+
+rule import_mriqc:
+    input:
+        results=config["mriqc"]["results"],
+        volumes=rules.ingest.output.volumes,
+    output:
+        "results/mriqc/cohort.parquet",
+    log:
+        "logs/mriqc/import.log",
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/import_mriqc.py"
+
+
 rule evaluate_labels:
     input:
         scores=rules.cohort_scores.output.parquet,
+        iqms=iqm_tables(),
     output:
         table="results/report/label_metrics.parquet",
         markdown=report(

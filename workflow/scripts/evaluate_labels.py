@@ -1,4 +1,4 @@
-"""Evaluate score > threshold, the tau flags and `flagged` against the cohort's manual labels."""
+"""Evaluate score > threshold, the tau flags, `flagged`, the score and the IQMs against the manual labels."""
 
 from pathlib import Path
 
@@ -16,6 +16,7 @@ table, curves = reporting.evaluate_labels(
     threshold=p.threshold,
     n_boot=p.n_boot,
     seed=p.seed,
+    iqm_tables=[pd.read_parquet(t) for t in snakemake.input.iqms],
 )
 table.to_parquet(snakemake.output.table, index=False)
 Path(snakemake.output.markdown).write_text(reporting.label_markdown(table))
