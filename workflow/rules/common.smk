@@ -78,6 +78,16 @@ def cohort_prerequisites(wildcards):
     return rules.demo_cohort.output if config["demo"]["enabled"] else []
 
 
+def mem_per_attempt(base_mb):
+    """A mem_mb resource that grows with each retry (base, 2 x base, 3 x base, ...): a job killed for
+    memory under `--retries` (the slurm profile) is resubmitted with more."""
+
+    def mem_mb(wildcards, attempt):
+        return int(base_mb) * attempt
+
+    return mem_mb
+
+
 def shard_files(pattern):
     """One path per (site, part) shard, from a pattern with {site} and {part}."""
     return expand(pattern, zip, site=SHARD_SITES, part=SHARD_PARTS)

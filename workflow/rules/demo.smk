@@ -14,7 +14,7 @@ rule demo_cohort:
         "results/benchmarks/demo_cohort.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=mem_per_attempt(4000),
         runtime=20,
     conda:
         "../../envs/artifactqc.yaml"

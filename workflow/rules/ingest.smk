@@ -18,7 +18,7 @@ rule ingest_shard:
         "results/benchmarks/ingest/site={site}/part-{part}.tsv"
     threads: config["ingest"]["threads"]
     resources:
-        mem_mb=config["ingest"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["ingest"]["mem_mb"]),
         runtime=60,
     conda:
         "../../envs/artifactqc.yaml"
@@ -38,7 +38,7 @@ rule ingest:
     log:
         "logs/ingest/gather.log",
     resources:
-        mem_mb=2000,
+        mem_mb=mem_per_attempt(2000),
         runtime=10,
     conda:
         "../../envs/artifactqc.yaml"

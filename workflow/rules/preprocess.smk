@@ -30,7 +30,7 @@ checkpoint training_selection:
     log:
         "logs/training/selection.log",
     resources:
-        mem_mb=2000,
+        mem_mb=mem_per_attempt(2000),
         runtime=10,
     conda:
         "../../envs/artifactqc.yaml"
@@ -56,7 +56,7 @@ rule n4:
         "results/benchmarks/preprocessed/n4/{volume_id}.tsv"
     threads: config["preprocess"]["n4"]["threads"]
     resources:
-        mem_mb=config["preprocess"]["n4"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["preprocess"]["n4"]["mem_mb"]),
         runtime=config["preprocess"]["n4"]["runtime"],
     conda:
         "../../envs/artifactqc.yaml"
@@ -85,7 +85,7 @@ rule superres:
         "results/benchmarks/preprocessed/superres/{volume_id}.tsv"
     threads: config["preprocess"]["superres"]["threads"]
     resources:
-        mem_mb=config["preprocess"]["superres"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["preprocess"]["superres"]["mem_mb"]),
         runtime=config["preprocess"]["superres"]["runtime"],
         gpu=config["preprocess"]["superres"]["gpu"],
     conda:
@@ -103,7 +103,7 @@ rule select_training:
     log:
         "logs/training/manifest.log",
     resources:
-        mem_mb=1000,
+        mem_mb=mem_per_attempt(1000),
         runtime=10,
     conda:
         "../../envs/artifactqc.yaml"

@@ -49,7 +49,7 @@ rule report_figures:
         "logs/report/figures.log",
     threads: 1
     resources:
-        mem_mb=config["report"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["report"]["mem_mb"]),
         runtime=config["report"]["runtime"],
     conda:
         "../../envs/artifactqc.yaml"
@@ -70,7 +70,7 @@ rule iqm_shard:
         "results/benchmarks/iqm/site={site}/part-{part}.tsv"
     threads: config["iqm"]["threads"]
     resources:
-        mem_mb=config["iqm"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["iqm"]["mem_mb"]),
         runtime=config["iqm"]["runtime"],
     conda:
         "../../envs/artifactqc.yaml"
@@ -132,7 +132,7 @@ rule evaluate_labels:
         "logs/report/evaluate_labels.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=mem_per_attempt(2000),
         runtime=20,
     conda:
         "../../envs/artifactqc.yaml"
@@ -166,7 +166,7 @@ rule compare_mriqc:
         "results/benchmarks/report/compare_mriqc.tsv"
     threads: config["compare"]["threads"]
     resources:
-        mem_mb=config["compare"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["compare"]["mem_mb"]),
         runtime=config["compare"]["runtime"],
     conda:
         "../../envs/artifactqc.yaml"

@@ -21,7 +21,7 @@ rule score_shard:
         "results/benchmarks/score/site={site}/part-{part}.tsv"
     threads: config["score"]["threads"]
     resources:
-        mem_mb=config["score"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["score"]["mem_mb"]),
         runtime=config["score"]["runtime"],
         gpu=config["score"]["gpu"],
     conda:
@@ -60,7 +60,7 @@ rule fit_flow:
         "results/benchmarks/flows/{flow_id}.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=mem_per_attempt(4000),
         runtime=60,
     conda:
         "../../envs/artifactqc.yaml"
@@ -101,7 +101,7 @@ rule cohort_scores:
     log:
         "logs/score/cohort.log",
     resources:
-        mem_mb=4000,
+        mem_mb=mem_per_attempt(4000),
         runtime=20,
     conda:
         "../../envs/artifactqc.yaml"

@@ -22,7 +22,7 @@ rule train_encoder:
         "results/benchmarks/models/{model_id}/train.tsv"
     threads: config["train"]["threads"]
     resources:
-        mem_mb=config["train"]["mem_mb"],
+        mem_mb=mem_per_attempt(config["train"]["mem_mb"]),
         runtime=config["train"]["runtime"],
         gpu=config["train"]["gpu"],
     conda:
