@@ -141,8 +141,12 @@ def _sweep_2d(data_dir: Path, seeds=(0, 1, 2), types=None):
     return res
 
 
-def _invert(grid, ssim_curve, d):
-    """Parameter at each severity knot so that the mean SSIM equals 1 - d*s (monotone interpolation)."""
+def _invert(grid, ssim_curve, d, method: str = "linear"):
+    """Parameter at each severity knot so that the mean SSIM equals 1 - d*s (monotone interpolation).
+
+    ``method="pchip"`` interpolates the parameter as a monotone cubic (PCHIP) function of SSIM instead of
+    piecewise-linearly: on a coarse grid a curved SSIM(parameter) (ghosting: ~quadratic; motion: flattening)
+    otherwise biases the knots between grid points (validation SSIM below / above the target)."""
     from artifactqc.simulate import SEVERITY_KNOTS
 
     g = np.asarray(grid, dtype=np.float64)
@@ -153,7 +157,12 @@ def _invert(grid, ssim_curve, d):
         t = 1.0 - d * s
         if t < y[-1]:
             clipped.append(s)
-        out.append(float(np.interp(-t, -y, g)))
+        if method == "pchip":
+            from scipy.interpolate import PchipInterpolator
+
+            out.append(float(PchipInterpolator(-y, g, extrapolate=False)(np.clip(-t, -y[0], -y[-1]))))
+        else:
+            out.append(float(np.interp(-t, -y, g)))
     out[0] = float(g[0])
     return [round(v, 5) for v in out], clipped
 
@@ -225,6 +234,23 @@ def calibrate(data_dir: Path, workers: int, types=None, seeds: int = 3):
     print("wrote calibration.json and the CALIBRATION block of simulate.py")
 
 
+def refit(types, method: str = "pchip"):
+    """Re-fit the 3D maps of ``types`` from the sweeps stored in calibration.json (no new simulation)."""
+    from artifactqc import simulate as S
+
+    rep_ = json.loads((HERE / "calibration.json").read_text())
+    cal3, cal2 = dict(S.CALIBRATION_3D), dict(S.CALIBRATION_2D)
+    for a in types:
+        r = rep_["types"][a]
+        grid = r.get("grid", rep_["grids"][a])
+        cal3[a], clip = _invert(grid, r["ssim3d_mean"], S.TARGET_SSIM_DROP, method)
+        r["map3d"], r["map3d_method"], r["severities_beyond_grid_3d"] = cal3[a], method, clip
+        print(a, "3D", cal3[a], "clipped", clip)
+    (HERE / "calibration.json").write_text(json.dumps(rep_, indent=1))
+    src = S.CALIBRATION_SOURCE.split(";")[0] + f"; 3D {', '.join(types)} re-fitted ({method}) " + time.strftime("%Y-%m-%d")
+    _write_calibration(cal3, cal2, src)
+
+
 def _validate_volume(job):
     import torch
 
@@ -240,13 +266,13 @@ def _validate_volume(job):
     return artifact, vi, k, out
 
 
-def validate(data_dir: Path, workers: int, seeds: int = 3):
+def validate(data_dir: Path, workers: int, seeds: int = 3, types=None):
     import torch
     from scipy.stats import spearmanr
 
     from artifactqc import simulate as S
 
-    kinds = S.ARTIFACTS + ("mix",)
+    kinds = tuple(types or (S.ARTIFACTS + ("mix",)))
     jobs = [(str(data_dir), vi, rel, a, k) for a in kinds for vi, rel in enumerate(VOLUMES) for k in range(seeds)]
     draws = {a: [[None] * seeds for _ in VOLUMES] for a in kinds}
     t0 = time.time()
@@ -290,6 +316,10 @@ def validate(data_dir: Path, workers: int, seeds: int = 3):
             "spearman2d_min_over_slices": float(np.nanmin(rhos2)),
             "spearman2d_median_over_slices": float(np.nanmedian(rhos2)),
         }
+    if types:  # partial re-validation: keep the other types' rows
+        old = json.loads((HERE / "results.json").read_text())
+        out["types"] = {a: out["types"].get(a, old["types"].get(a)) for a in S.ARTIFACTS + ("mix",)}
+        out["revalidated"] = sorted(set(old.get("revalidated", [])) | set(kinds))
     at5 = [out["types"][a]["ssim3d_mean"][5] for a in S.ARTIFACTS]
     at5_2 = [out["types"][a]["ssim2d_mean"][5] for a in S.ARTIFACTS]
     out["band_at_0.5_3d"] = [min(at5), max(at5)]
@@ -495,7 +525,7 @@ def trainstep(data_dir: Path, threads: int = 2, reps: int = 7, triplets: int = 3
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["calibrate", "validate", "speed", "trainstep", "report"])
+    ap.add_argument("mode", choices=["calibrate", "refit", "validate", "speed", "trainstep", "report"])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None,
@@ -504,13 +534,15 @@ def main():
     ap.add_argument("--seeds", type=int, default=3, help="random draws per volume in the 3D sweeps")
     args = ap.parse_args()
     data_dir = Path(args.data).resolve()
-    if args.mode not in ("speed", "report") and not (data_dir / "MANIFEST.tsv").is_file():
+    if args.mode not in ("speed", "report", "refit") and not (data_dir / "MANIFEST.tsv").is_file():
         sys.exit(f"development data not found at {data_dir} (pass --data)")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.mode == "calibrate":
         calibrate(data_dir, args.workers, args.types, args.seeds)
     elif args.mode == "validate":
-        validate(data_dir, args.workers, args.seeds)
+        validate(data_dir, args.workers, args.seeds, args.types)
+    elif args.mode == "refit":
+        refit(args.types or ["ghosting", "motion"])
     elif args.mode == "trainstep":
         trainstep(data_dir, threads=args.threads or 2)
     elif args.mode == "report":  # re-render results.md from results.json + speed/trainstep json + notes
