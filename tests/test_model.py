@@ -407,3 +407,20 @@ def test_percentile_from_counts_equals_numpy():
         c = np.bincount(v, minlength=40)
         for q in (1, 50, 99):
             assert slices._percentile_from_counts(c, q) == pytest.approx(np.percentile(v, q), abs=1e-9)
+
+
+def test_scale_for_simulation_keeps_the_scorers_slices():
+    """The simulator's input is a pure rescale of the raw volume: its slices equal the raw file's slices,
+    whereas io.normalize_intensity (offset + clip) followed by the scorer's normalisation does not."""
+    from artifactqc.model import scale_for_simulation
+
+    cfg = slices.SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3)
+    raw = _phantom() * 7.0 + 5.0 * (_phantom() > 0)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    want, _ = slices.extract_from_array(raw, aff, cfg)
+    scaled = scale_for_simulation(raw)
+    got, _ = slices.extract_from_array(scaled, aff, cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert 0.9 < np.percentile(scaled[raw > 0], 99.5) < 1.1  # ~[0, 1] for the simulator
+    twice, _ = slices.extract_from_array(io.normalize_intensity(raw), aff, cfg)
+    assert np.abs(twice - want).max() > 1e-3

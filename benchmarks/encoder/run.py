@@ -11,6 +11,7 @@ Steps (each writes into ``--out``, default ``benchmarks/encoder``):
 * ``thick``   real thick-slice scans vs 3D scans of the same contrast.
 * ``speed``   seconds to score a 1 mm volume vs nibabel load time (same run), and model throughput vs a
               re-implementation of the published architecture (224 x 224, no downsampling).
+* ``simcheck`` 2D vs 3D simulation at the same severity after slice extraction (SSIM, model score).
 * ``all``     everything after ``train``; writes ``results.json`` and ``results.md``.
 
 Usage: ``python benchmarks/encoder/run.py train [--minutes 20]``; ``python benchmarks/encoder/run.py all``.
@@ -116,11 +117,15 @@ def _score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
 
 
 def _canon_norm(path: Path):
+    """Canonical volume scaled to ~[0, 1] for the simulator by a pure scale (``model.scale_for_simulation``),
+    so its clean slices are exactly those of the raw file. (Results before 2026-11-23 14:30 used
+    ``io.normalize_intensity`` here, whose offset+clip is not idempotent under the scorer's normalisation.)"""
     from artifactqc import io
+    from artifactqc.model import scale_for_simulation
 
     v = io.load_volume(path)
     d, a = io.to_canonical(v.data, v.affine)
-    return io.normalize_intensity(d), a
+    return scale_for_simulation(d), a
 
 
 def cmd_quality(args, data: Path, model) -> dict:
@@ -294,6 +299,50 @@ def cmd_speed(args, data: Path, model) -> dict:
     return res
 
 
+SIMCHECK_VOLUMES = [
+    "volumes/VolumeRenderingData/stroke_T1.nii.gz",
+    "volumes/NiChart_IXI/IXI296-HH-1970_T1.nii.gz",
+    "volumes/VolumeRenderingData/stroke_T2.nii.gz",
+]
+
+
+def cmd_simcheck(args, data: Path, model) -> dict:
+    """Do the 2D (``simulate_slices``) and 3D (``simulate_volume`` at native resolution) simulators agree
+    *after slice extraction*? Same held-out volume, same severity: 3D = corrupt the volume, then the scorer's
+    slices; 2D = the scorer's clean slices corrupted by the 2D simulator. Compared by the mean masked SSIM to
+    the clean slices (head mask of the clean slice > 0.1) and by the model's mean slice score."""
+    from artifactqc import io
+    from artifactqc.score import predict_slices
+    from artifactqc.simulate import simulate_slices, simulate_volume, ssim_slices
+    from artifactqc.slices import extract_from_array
+
+    sevs = (0.25, 0.5, 0.75, 1.0)
+    acc: dict = {}
+    for k, rel in enumerate(SIMCHECK_VOLUMES):
+        d, a = _canon_norm(data / rel)
+        spacing = tuple(float(z) for z in io.voxel_sizes(a))
+        clean, _ = extract_from_array(d, a, model.slice_cfg)
+        ct = torch.from_numpy(clean)[:, None]
+        mask = ct > 0.1
+        for t in TYPES:
+            for s in sevs:
+                corr, _ = simulate_volume(d, t, s, seed=500 + 10 * k, spacing=spacing)
+                s3, _ = extract_from_array(corr, a, model.slice_cfg)
+                t3 = torch.from_numpy(s3)[:, None]
+                g = torch.Generator().manual_seed(500 + 10 * k)
+                t2 = simulate_slices(ct, [t] * len(ct), torch.full((len(ct),), s), generator=g)
+                r = acc.setdefault(f"{t}@{s}", {"ssim_3d": [], "ssim_2d": [], "score_3d": [], "score_2d": []})
+                r["ssim_3d"].append(float(ssim_slices(ct, t3, mask).mean()))
+                r["ssim_2d"].append(float(ssim_slices(ct, t2.clamp(0, 1.5), mask).mean()))
+                r["score_3d"].append(float(predict_slices(model, s3)["score"].mean()))
+                r["score_2d"].append(float(predict_slices(model, t2[:, 0].numpy())["score"].mean()))
+                log.info("simcheck %s %s %.2f: %s", rel, t, s, {kk: round(v[-1], 3) for kk, v in r.items()})
+    rows = [{"type": key.split("@")[0], "severity": float(key.split("@")[1]),
+             **{kk: float(np.mean(v)) for kk, v in r.items()}} for key, r in acc.items()]
+    return {"volumes": SIMCHECK_VOLUMES, "rows": rows,
+            "target_ssim": "1 - 0.25 * severity (simulate.target_ssim, defined on the native grid)"}
+
+
 def write_md(out: Path, res: dict) -> None:
     L = ["# Encoder benchmark results", ""]
     L.append("Measured on a shared, heavily loaded 2-core machine (other engineers' jobs running); "
@@ -330,6 +379,18 @@ def write_md(out: Path, res: dict) -> None:
             L.append(f"- {c['thick']} ({c['contrast']}): {c['score']:.3f} vs max 3D {c['max_3d_score']:.3f} -> "
                      f"{'above' if c['above_all_3d'] else 'NOT above'}")
         L.append("")
+    if "simcheck" in res:
+        sc = res["simcheck"]
+        L += ["## 2D vs 3D simulation after slice extraction (issue 3 question)", "",
+              f"Volumes: {', '.join(sc['volumes'])}. Mean masked SSIM of the scorer's slices to the clean slices, "
+              "and the model's mean slice score; 3D = `simulate_volume` at native resolution then slice "
+              "extraction, 2D = `simulate_slices` on the clean extracted slices. Target SSIM (native grid) = "
+              "1 - 0.25 SS.", "",
+              "| type | SS | SSIM 3D | SSIM 2D | score 3D | score 2D |", "|---|---|---|---|---|---|"]
+        for r in sc["rows"]:
+            L.append(f"| {r['type']} | {r['severity']:.2f} | {r['ssim_3d']:.3f} | {r['ssim_2d']:.3f} | "
+                     f"{r['score_3d']:.2f} | {r['score_2d']:.2f} |")
+        L.append("")
     if "speed" in res:
         s = res["speed"]
         L += ["## Speed", ""]
@@ -344,7 +405,7 @@ def write_md(out: Path, res: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["train", "quality", "robust", "thick", "speed", "all"])
+    ap.add_argument("step", choices=["train", "quality", "robust", "thick", "speed", "simcheck", "all"])
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--threads", type=int, default=1)
@@ -373,7 +434,7 @@ def main(argv=None) -> int:
         from artifactqc.model import load_model
 
         model = load_model(out / "model", device="cpu")
-        steps = ["quality", "robust", "thick", "speed"] if args.step == "all" else [args.step]
+        steps = ["quality", "robust", "thick", "speed", "simcheck"] if args.step == "all" else [args.step]
         for st in steps:
             t0 = time.perf_counter()
             res[st] = globals()[f"cmd_{st}"](args, data, model)
