@@ -43,9 +43,18 @@ def test_ruler_rung_zero_is_the_cohort_score_and_image(model, head):
     sl, _ = extract_slices(head, model.slice_cfg)
     axial_mid = sl[2 * 3 + 1]
     np.testing.assert_allclose(np.rot90(rungs[0][1]), np.clip(axial_mid, 0, 1), atol=1e-6)
-    # higher severity: more noise in the displayed slice (same seed for every rung)
-    diffs = [np.abs(r[1] - rungs[0][1]).mean() for r in rungs]
-    assert diffs[0] == 0 and 0 < diffs[1] < diffs[2]
+    # a rung shows the volume corrupted in 3D at that severity with the ruler's seed, as the scorer sees it
+    from artifactqc.io import load_volume
+    from artifactqc.model import scale_for_simulation
+    from artifactqc.simulate import simulate_volume
+    from artifactqc.slices import extract_from_array
+
+    vol = load_volume(head)
+    corrupted, params = simulate_volume(scale_for_simulation(vol.data), "noise", 0.5, seed=3, spacing=vol.zooms)
+    assert params["severity"] == 0.5
+    sl5, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
+    np.testing.assert_allclose(np.rot90(rungs[1][1]), np.clip(sl5[2 * 3 + 1], 0, 1), atol=1e-6)
+    assert np.abs(rungs[1][1] - rungs[0][1]).mean() > 0.01 and np.abs(rungs[2][1] - rungs[1][1]).mean() > 0.01
     again = reporting.ruler_rungs(model, head, "noise", severities=(0.5,), seed=3)
     np.testing.assert_array_equal(again[0][1], rungs[1][1])
 

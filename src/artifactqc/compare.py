@@ -8,9 +8,9 @@ from the cohort itself, so it needs no extra data:
    flagged, lowest score) that were **not** used to train the encoder (paths in the training manifest are
    excluded; if a contrast has nothing else, its training volumes are used and the row says so).
 2. :func:`simulated_rows` corrupts each reference volume at every (artifact, severity) with
-   :func:`artifactqc.simulate.simulate_volume` (3D, native resolution; intensities divided by the 99.5th
-   foreground percentile first, a scale only, so the background and its noise floor stay for the IQMs
-   that need them: EFC, FBER, SNRd, QI1) and measures the corrupted volume twice: the encoder's score and per-artifact
+   :func:`artifactqc.simulate.simulate_volume` (3D, native resolution; intensities brought to ~[0, 1] by a
+   pure scale, :func:`artifactqc.model.scale_for_simulation`, as for the encoder's training pool, so the
+   background and its noise floor stay for the IQMs that need them: EFC, FBER, SNRd, QI1) and measures the corrupted volume twice: the encoder's score and per-artifact
    severities through the same slice path as cohort scoring (:func:`artifactqc.slices.extract_from_array`,
    :func:`artifactqc.score.aggregate`), and artifactqc's MRIQC-style IQMs
    (:func:`artifactqc.iqm.compute_iqms`). Severity 0 (the clean volume) is measured once and counted in
@@ -156,16 +156,15 @@ def simulated_rows(
 ) -> pd.DataFrame:
     """One row per (reference volume, artifact, severity): the score, the five severity heads, the IQMs and
     the simulator's parameters (``params`` as JSON). See the module docstring."""
-    from .io import foreground_mask, load_volume
+    from .io import load_volume
+    from .model import scale_for_simulation
     from .simulate import simulate_volume
 
     sevs = sorted({float(s) for s in severities})
     rows = []
     for i, ref in enumerate(refs.itertuples(index=False)):
         vol = load_volume(ref.path)
-        data = np.asarray(vol.data, dtype=np.float32)
-        fg = foreground_mask(data)
-        data = data / max(float(np.percentile(data[fg] if fg.any() else data, 99.5)), 1e-6)
+        data = scale_for_simulation(vol.data)
         base = {"volume_id": ref.volume_id, "site": getattr(ref, "site", ""), "contrast": ref.contrast,
                 "path": ref.path, "used_for_training": bool(getattr(ref, "used_for_training", False))}
         clean = None

@@ -87,30 +87,28 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
                 batch_size: int = 64) -> list[tuple[float, np.ndarray, float]]:
     """``[(severity, display image, volume score), …]`` for :func:`artifactqc.report.plot_image_ruler`.
 
-    The volume (intensities normalised as for training, :func:`artifactqc.io.normalize_intensity`) is
-    corrupted in 3D at its native resolution with :func:`artifactqc.simulate.simulate_volume` at each
-    severity > 0 with the same seed (only the severity changes between rungs; rung 0 is the file as scored),
-    then goes through the scorer's
+    The volume (brought to ~[0, 1] by a pure scale as for training, :func:`artifactqc.model.scale_for_simulation`)
+    is corrupted in 3D at its native resolution with :func:`artifactqc.simulate.simulate_volume` at each
+    severity with the same seed (only the severity changes between rungs; the scale does not change the
+    scorer's slices, so rung 0 is the file as scored), then goes through the scorer's
     own path: :func:`artifactqc.slices.extract_from_array` with the model's slice geometry, the encoder and
     :func:`artifactqc.score.aggregate` — so each rung's score is the score a cohort volume with that
     artifact would get. The image is the axial mid-slice, oriented for ``plot_image_ruler`` (which rotates
     by 90°).
     """
-    from .io import load_volume, normalize_intensity
+    from .io import load_volume
+    from .model import scale_for_simulation
     from .score import aggregate, predict_slices
     from .simulate import simulate_volume
     from .slices import extract_from_array
 
     vol = load_volume(path)
-    data = normalize_intensity(vol.data)
+    data = scale_for_simulation(vol.data)
     n_ax = int(model.slice_cfg.slices_per_axis)
     rungs = []
     for s in severities:
-        if s == 0:  # the volume exactly as the cohort scoring saw it
-            sl, _ = extract_from_array(vol.data, vol.affine, model.slice_cfg)
-        else:
-            corrupted, _ = simulate_volume(data, artifact, float(s), seed=int(seed), spacing=vol.zooms)
-            sl, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
+        corrupted, _ = simulate_volume(data, artifact, float(s), seed=int(seed), spacing=vol.zooms)
+        sl, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
         mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
         score = aggregate(predict_slices(model, sl, batch_size))["score"]
         rungs.append((float(s), np.clip(np.rot90(sl[mid], -1), 0, 1), float(score)))
