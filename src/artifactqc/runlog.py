@@ -20,3 +20,19 @@ def to_file(path: str) -> logging.Logger:
     )
     logging.captureWarnings(True)
     return logging.getLogger()
+
+
+def limit_threads(n: int) -> None:
+    """Keep a job's native libraries within its ``threads:`` (ITK/ANTs, OpenMP, BLAS, torch).
+
+    ITK (antspyx N4, Atropos) otherwise starts one thread per core, so two 1-thread N4 jobs on a 2-core
+    machine run four threads and starve each other. Call before the first use of those libraries.
+    """
+    import os
+
+    n = max(1, int(n))
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)

@@ -4,13 +4,12 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from artifactqc import compare, runlog
 from artifactqc.provenance import write_parquet
 
 log = runlog.to_file(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+runlog.limit_threads(snakemake.threads)
 p = snakemake.params
 rows, table, markdown = compare.run_comparison(
     pd.read_parquet(snakemake.input.scores),

@@ -3,6 +3,7 @@
 from artifactqc import preprocess, runlog
 
 log = runlog.to_file(snakemake.log[0])
+runlog.limit_threads(snakemake.threads)
 summary = preprocess.n4_file(
     snakemake.input[0],
     snakemake.output.volume,

@@ -3,12 +3,11 @@
 import os
 
 import pandas as pd
-import torch
 
 from artifactqc import reporting, runlog
 
 log = runlog.to_file(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
+runlog.limit_threads(snakemake.threads)
 ruler = snakemake.params.ruler
 paths = reporting.make_report_figures(
     pd.read_parquet(snakemake.input.scores),
