@@ -7,7 +7,7 @@ from the cohort itself, so it needs no extra data:
 1. :func:`reference_volumes` picks, per contrast, the cleanest volumes of the scored cohort (status ok, not
    flagged, lowest score) that were **not** used to train the encoder (paths in the training manifest are
    excluded; if a contrast has nothing else, its training volumes are used and the row says so).
-2. :func:`simulated_rows` corrupts each reference volume at every (artifact, severity) with
+2. :func:`simulated_rows` (per contrast: :func:`simulate_contrast`, one workflow job each) corrupts each reference volume at every (artifact, severity) with
    :func:`artifactqc.simulate.simulate_volume` (3D, native resolution; intensities brought to ~[0, 1] by a
    pure scale, :func:`artifactqc.model.scale_for_simulation`, as for the encoder's training pool, so the
    background and its noise floor stay for the IQMs that need them: EFC, FBER, SNRd, QI1) and measures the corrupted volume twice: the encoder's score and per-artifact
@@ -216,9 +216,10 @@ def comparison_markdown(table: pd.DataFrame, rows: pd.DataFrame) -> str:
     return head + to_markdown(table)
 
 
-def run_comparison(
+def simulate_contrast(
     scores: pd.DataFrame,
     model_dir,
+    contrast: str,
     exclude_paths: Iterable[str] = (),
     artifacts: Sequence[str] = ("noise", "ghosting", "bias", "anisotropy", "motion"),
     severities: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -226,14 +227,36 @@ def run_comparison(
     seed: int = 0,
     use_n4: bool = True,
     device: str = "auto",
-) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Reference volumes → simulated rows → table → markdown (the rule ``compare_mriqc``)."""
+) -> pd.DataFrame:
+    """The simulated rows of one contrast (rule ``compare_simulate``, one job per contrast); no rows when the
+    contrast has no ok, unflagged volume."""
     from .model import load_model
 
-    refs = reference_volumes(scores, per_contrast, exclude_paths)
+    refs = reference_volumes(scores, per_contrast, exclude_paths, contrasts=[contrast])
     if refs.empty:
-        raise ValueError("no ok, unflagged volume in the scored cohort to simulate artifacts on")
+        return pd.DataFrame(columns=list(ROW_DOCS))
     model = load_model(model_dir, device=device)
-    rows = simulated_rows(model, refs, artifacts, severities, seed=seed, use_n4=use_n4)
+    return simulated_rows(model, refs, artifacts, severities, seed=seed, use_n4=use_n4)
+
+
+def summarise(parts: Iterable[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """All contrasts' rows → (rows, table, markdown) (rule ``compare_mriqc``)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise ValueError("no contrast has an ok, unflagged scored volume to simulate artifacts on")
+    rows = pd.concat(parts, ignore_index=True)
     table = comparison_table(rows)
     return rows, table, comparison_markdown(table, rows)
+
+
+def run_comparison(
+    scores: pd.DataFrame,
+    model_dir,
+    exclude_paths: Iterable[str] = (),
+    **kw,
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Every contrast of ``scores`` through :func:`simulate_contrast`, then :func:`summarise` (keywords as for
+    :func:`simulate_contrast`)."""
+    ok = scores[scores["status"].astype(str) == "ok"]
+    contrasts = sorted(ok["contrast"].dropna().astype(str).unique())
+    return summarise(simulate_contrast(scores, model_dir, c, exclude_paths, **kw) for c in contrasts)

@@ -116,6 +116,12 @@ def training_selection_files():
     return [ancient(rules.training_selection.output[0])]
 
 
+def compare_parts():
+    """One simulated-set table per contrast of the readable cohort (rule compare_simulate)."""
+    contrasts = sorted(VALID["contrast"].dropna().astype(str).unique())
+    return expand(rules.compare_simulate.output[0], contrast=contrasts)
+
+
 def scoring_enabled():
     """Scoring enters the DAG once there is an encoder to score with."""
     return bool(model_files())

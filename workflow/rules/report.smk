@@ -140,19 +140,13 @@ rule evaluate_labels:
         "../scripts/evaluate_labels.py"
 
 
-rule compare_mriqc:
+rule compare_simulate:
     input:
         scores=rules.cohort_scores.output.parquet,
         model=model_files(),
         training=training_selection_files(),
     output:
-        rows="results/compare/simulated.parquet",
-        table="results/report/mriqc_comparison.parquet",
-        markdown=report(
-            "results/report/mriqc_comparison.md",
-            caption="../report/mriqc_comparison.rst",
-            category="6. MRIQC comparison",
-        ),
+        "results/compare/simulated/{contrast}.parquet",
     params:
         artifacts=config["compare"]["artifacts"],
         severities=config["compare"]["severities"],
@@ -161,13 +155,32 @@ rule compare_mriqc:
         seed=config["compare"]["seed"],
         device=config["score"]["device"],
     log:
-        "logs/report/compare_mriqc.log",
+        "logs/report/compare_simulate/{contrast}.log",
     benchmark:
-        "results/benchmarks/report/compare_mriqc.tsv"
+        "results/benchmarks/report/compare_simulate/{contrast}.tsv"
     threads: config["compare"]["threads"]
     resources:
         mem_mb=mem_per_attempt(config["compare"]["mem_mb"]),
         runtime=config["compare"]["runtime"],
+    conda:
+        "../../envs/artifactqc.yaml"
+    script:
+        "../scripts/compare_simulate.py"
+
+
+rule compare_mriqc:
+    input:
+        compare_parts(),
+    output:
+        rows="results/compare/simulated.parquet",
+        table="results/report/mriqc_comparison.parquet",
+        markdown=report(
+            "results/report/mriqc_comparison.md",
+            caption="../report/mriqc_comparison.rst",
+            category="6. MRIQC comparison",
+        ),
+    log:
+        "logs/report/compare_mriqc.log",
     conda:
         "../../envs/artifactqc.yaml"
     script:
