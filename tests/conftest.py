@@ -31,3 +31,16 @@ def fixture_paths(shared_data) -> list[Path]:
     """The fast subset listed in FIXTURES.txt."""
     lines = (shared_data / "FIXTURES.txt").read_text().split()
     return [shared_data / line for line in lines if line.strip()]
+
+
+def save_tiny_model(dest: Path, *, seed: int = 0, pixel_mm: float = 4.0, meta: dict | None = None) -> Path:
+    """A small, randomly initialised encoder saved through the package's checkpoint code (plumbing tests)."""
+    import torch
+
+    from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
+    from artifactqc.slices import SliceConfig
+
+    torch.manual_seed(seed)
+    model = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
+    save_model(model, dest, SliceConfig(image_size=32, pixel_mm=pixel_mm, slices_per_axis=3), meta or {"model_id": "t"})
+    return Path(dest)

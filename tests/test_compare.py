@@ -12,22 +12,18 @@ import torch
 from scipy.stats import pearsonr
 
 from artifactqc import compare
-from artifactqc.model import ArtifactEncoder, EncoderConfig, load_model, save_model
+from artifactqc.model import load_model
 from artifactqc.score import score_volume
-from artifactqc.slices import SliceConfig
 
+from .conftest import save_tiny_model
 from .test_iqm import _phantom
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(2)
-    m = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
-    out = tmp_path_factory.mktemp("model")
-    save_model(m, out, SliceConfig(image_size=32, pixel_mm=3.0, slices_per_axis=3),
-               {"model_id": "t", "training": {"train_volumes": ["/data/train1.nii.gz"],
-                                               "val_volumes": ["/data/val1.nii.gz"]}})
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model"), seed=2, pixel_mm=3.0,
+                           meta={"model_id": "t", "training": {"train_volumes": ["/data/train1.nii.gz"],
+                                                               "val_volumes": ["/data/val1.nii.gz"]}})
 
 
 def _scores(paths):

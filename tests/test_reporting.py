@@ -9,18 +9,16 @@ import pytest
 import torch
 
 from artifactqc import reporting
-from artifactqc.model import ArtifactEncoder, EncoderConfig, load_model, save_model
+from artifactqc.model import load_model
 from artifactqc.score import score_volume
-from artifactqc.slices import SliceConfig, extract_slices
+from artifactqc.slices import extract_slices
+
+from .conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    torch.manual_seed(1)
-    m = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
-    out = tmp_path_factory.mktemp("model")
-    save_model(m, out, SliceConfig(image_size=32, pixel_mm=3.0, slices_per_axis=3), {"model_id": "t"})
-    return load_model(out, device="cpu")
+    return load_model(save_tiny_model(tmp_path_factory.mktemp("model"), seed=1, pixel_mm=3.0), device="cpu")
 
 
 @pytest.fixture()

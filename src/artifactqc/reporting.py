@@ -237,7 +237,8 @@ def join_iqms(scores: pd.DataFrame, tables: Iterable[pd.DataFrame] = ()) -> tupl
         cols = [c for c in cols if c in t and c not in out and np.isfinite(pd.to_numeric(t[c], errors="coerce")).any()]
         if not cols:
             continue
-        right = t.drop_duplicates("volume_id").set_index(t.drop_duplicates("volume_id")["volume_id"].astype(str))
+        right = t.drop_duplicates("volume_id")
+        right = right.set_index(right["volume_id"].astype(str))
         for c in cols:
             out[c] = out["volume_id"].astype(str).map(pd.to_numeric(right[c], errors="coerce"))
         added += cols

@@ -12,14 +12,12 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from artifactqc import reporting
-from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
-from artifactqc.slices import SliceConfig
 
+from ..conftest import save_tiny_model
 from .test_ingest_workflow import REPO, make_volume, run_snakemake, write_sheet
 
 pytestmark = pytest.mark.slow
@@ -29,11 +27,7 @@ LABELS = {"A": ["pass", "pass", "fail", "pass"], "B": ["fail", "1", "pass", "dou
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
-    out = tmp_path_factory.mktemp("model")
-    save_model(model, out, SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3), {"model_id": "wf-test"})
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model"), meta={"model_id": "wf-test"})
 
 
 def setup(workdir, model_dir, labels=True):

@@ -38,6 +38,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from ..conftest import save_tiny_model
+
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
@@ -385,16 +387,7 @@ def test_profile_gpu_settings_reach_the_workflows_gpu_rules(tmp_path):
 
 
 def make_model(dest: Path) -> Path:
-    """A small, randomly initialised encoder saved through the package's checkpoint code."""
-    import torch
-
-    from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
-    from artifactqc.slices import SliceConfig
-
-    torch.manual_seed(0)
-    model = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))
-    save_model(model, dest, SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3), {"model_id": "slurm-test"})
-    return dest
+    return save_tiny_model(dest, meta={"model_id": "slurm-test"})
 
 
 def submitted(calls) -> list[tuple[str, str]]:
