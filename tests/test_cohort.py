@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 
@@ -195,19 +196,48 @@ def test_bids_discovery(tmp_path):
         cohort.discover_bids(tmp_path / "bids", site_column="scanner")
 
 
-def test_shards_keep_sheet_order_and_cap_size():
+def test_shards_keep_sheet_order_and_merge_the_remainder():
     df = pd.DataFrame(
         {"volume_id": [f"v{i}" for i in range(1203)], "site": ["b"] * 1200 + ["a"] * 3}
     )
     shards = cohort.shard_cohort(df, shard_size=500)
-    assert sorted(shards) == [("a", 0), ("b", 0), ("b", 1), ("b", 2)]
-    assert [len(shards[("b", k)]) for k in range(3)] == [500, 500, 200]
+    assert sorted(shards) == [("a", 0), ("b", 0), ("b", 1)]
+    assert [len(shards[("b", k)]) for k in range(2)] == [500, 700]
     assert list(shards[("b", 1)]["volume_id"])[:2] == ["v500", "v501"]
-    # appending to site b changes only its last shard
+    assert shards[("b", 1)]["volume_id"].iloc[-1] == "v1199"
+    # every row in exactly one shard, shards never mix sites
+    ids = pd.concat(shards.values())["volume_id"]
+    assert sorted(ids) == sorted(df["volume_id"]) and ids.is_unique
+    assert all(g["site"].nunique() == 1 for g in shards.values())
+    # appending to site b changes only its last shard ...
     more = pd.concat([df, pd.DataFrame({"volume_id": ["new"], "site": ["b"]})], ignore_index=True)
     shards2 = cohort.shard_cohort(more, shard_size=500)
-    for key in [("a", 0), ("b", 0), ("b", 1)]:
+    for key in [("a", 0), ("b", 0)]:
         assert shards2[key]["volume_id"].tolist() == shards[key]["volume_id"].tolist()
+    # ... also when the remainder fills a whole shard and the last shard splits
+    full = pd.DataFrame({"volume_id": [f"w{i}" for i in range(1500)], "site": ["b"] * 1500})
+    split = cohort.shard_cohort(full, shard_size=500)
+    assert [len(split[("b", k)]) for k in range(3)] == [500, 500, 500]
+    assert split[("b", 0)]["volume_id"].tolist() == cohort.shard_cohort(full.iloc[:1499], 500)[("b", 0)][
+        "volume_id"
+    ].tolist()
+
+
+def test_shard_count_meets_ceil_n_over_shard_size_when_sites_are_large():
+    """Issue 8: at most ceil(N/500) shard jobs, while a shard never mixes sites."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(500, 5000, size=rng.integers(1, 15))
+        df = pd.DataFrame({"site": np.repeat([f"s{k:02d}" for k in range(len(sizes))], sizes)})
+        df["volume_id"] = [f"v{i}" for i in range(len(df))]
+        shards = cohort.shard_cohort(df, shard_size=500)
+        assert len(shards) <= math.ceil(len(df) / 500)
+        assert max(len(g) for g in shards.values()) < 1000
+    # a site smaller than shard_size still gets its own (only) shard
+    small = pd.DataFrame({"volume_id": ["x", "y", "z"], "site": ["p", "q", "q"]})
+    assert {k: len(g) for k, g in cohort.shard_cohort(small, 500).items()} == {("p", 0): 1, ("q", 0): 2}
+    with pytest.raises(ValueError, match="shard_size"):
+        cohort.shard_cohort(small, 0)
 
 
 def test_real_volumes_mixed_with_bad_inputs(shared_data, fixture_paths, tmp_path):

@@ -253,14 +253,23 @@ def failures_frame(rows=()) -> pd.DataFrame:
 
 
 def shard_cohort(df: pd.DataFrame, shard_size: int = 500) -> dict[tuple[str, int], pd.DataFrame]:
-    """Split a cohort into per-site shards of at most ``shard_size`` rows, in sheet order.
+    """Split a cohort into per-site shards of ``shard_size`` rows, in sheet order.
 
-    Appending volumes to a site changes only that site's last shard (and adds new ones).
+    A site's rows are cut into blocks of ``shard_size``; a last, partly filled block joins the block before
+    it, so a site of n rows has ``max(1, n // shard_size)`` shards holding ``shard_size`` to
+    ``2 * shard_size - 1`` rows (a site smaller than ``shard_size`` is one shard). The number of shards is
+    then at most ``ceil(N / shard_size)`` whenever every site has at least ``shard_size`` rows, while a shard
+    never mixes sites (a new site runs only its own jobs). Appending volumes to a site changes only that
+    site's last shard (and, each time it reaches ``2 * shard_size`` rows, splits it in two).
     """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shards = {}
     for site, g in df.groupby("site", sort=True):
-        for k, start in enumerate(range(0, len(g), shard_size)):
-            shards[(str(site), k)] = g.iloc[start : start + shard_size]
+        n_shards = max(1, len(g) // shard_size)
+        for k in range(n_shards):
+            stop = (k + 1) * shard_size if k < n_shards - 1 else len(g)
+            shards[(str(site), k)] = g.iloc[k * shard_size : stop]
     return shards
 
 

@@ -2,6 +2,7 @@
 # Reading the cohort (a TSV sheet, a BIDS listing or the demo's sheet) is the only thing done at
 # parse time; it takes seconds even for 100,000 volumes (benchmarks/bids_discovery).
 
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,6 +87,17 @@ def mem_per_attempt(base_mb):
         return int(base_mb) * attempt
 
     return mem_mb
+
+
+def shard_runtime(minutes):
+    """A runtime resource for a per-shard job: `minutes` for a shard of cohort.shard_size volumes, scaled
+    up for a site's last shard, which can hold up to 2 x shard_size - 1 (see cohort.shard_cohort)."""
+
+    def runtime(wildcards):
+        n = len(SHARDS[(wildcards.site, int(wildcards.part))])
+        return math.ceil(int(minutes) * max(1.0, n / config["cohort"]["shard_size"]))
+
+    return runtime
 
 
 def shard_files(pattern):

@@ -19,7 +19,7 @@ rule ingest_shard:
     threads: config["ingest"]["threads"]
     resources:
         mem_mb=mem_per_attempt(config["ingest"]["mem_mb"]),
-        runtime=60,
+        runtime=shard_runtime(60),
     conda:
         "../../envs/artifactqc.yaml"
     script:

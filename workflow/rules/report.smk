@@ -71,7 +71,7 @@ rule iqm_shard:
     threads: config["iqm"]["threads"]
     resources:
         mem_mb=mem_per_attempt(config["iqm"]["mem_mb"]),
-        runtime=config["iqm"]["runtime"],
+        runtime=shard_runtime(config["iqm"]["runtime"]),
     conda:
         "../../envs/artifactqc.yaml"
     script:

@@ -1,5 +1,6 @@
-# Scoring: one job per site shard (≤ cohort.shard_size volumes, the encoder loaded once per job),
-# the density flow fit on a frozen reference manifest, flags, and the cohort tables.
+# Scoring: one job per site shard (cohort.shard_size volumes, up to twice that in a site's last
+# shard; the encoder loaded once per job), the density flow fit on a frozen reference manifest,
+# flags, and the cohort tables.
 # A new site runs only its own shards and the cohort gather: the encoder and the flow are tied to
 # their manifests and are refit only under a new model.id / flow.id.
 
@@ -22,7 +23,7 @@ rule score_shard:
     threads: config["score"]["threads"]
     resources:
         mem_mb=mem_per_attempt(config["score"]["mem_mb"]),
-        runtime=config["score"]["runtime"],
+        runtime=shard_runtime(config["score"]["runtime"]),
         gpu=config["score"]["gpu"],
     conda:
         "../../envs/artifactqc.yaml"
