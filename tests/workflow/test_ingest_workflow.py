@@ -120,3 +120,28 @@ def test_sheet_error_is_reported_with_file_and_column(tmp_path):
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "sheet.tsv" in out and "contrast" in out and "FLAIR" in out
+
+
+def test_shards_hold_a_sites_remainder_and_their_runtime_scales(tmp_path):
+    """Issue 8: a site's last shard takes its remainder (fewer jobs than one per partial shard), its runtime
+    grows with it, and a shard never mixes sites. Placeholder files: a dry-run never opens them."""
+    rows = []
+    for site, n in (("A", 5), ("B", 2)):
+        for i in range(n):
+            (tmp_path / f"{site}{i}.nii.gz").touch()
+            rows.append(dict(volume_id=f"{site}-{i}", site=site, subject=f"{site}{i}", contrast="T1w",
+                             path=str(tmp_path / f"{site}{i}.nii.gz")))
+    write_sheet(tmp_path, rows)
+    (tmp_path / "shards.yaml").write_text(f"cohort:\n  sheet: {tmp_path / 'sheet.tsv'}\n  shard_size: 2\n")
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+           str(REPO / "config" / "config.yaml"), str(tmp_path / "shards.yaml"), "--cores", "1", "-n",
+           *INGEST_TARGETS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    runtimes = {}
+    for block in (res.stdout + res.stderr).split("rule ")[1:]:
+        if block.startswith("ingest_shard:"):
+            wc = re.search(r"wildcards: (.*)", block).group(1)
+            runtimes[wc] = int(re.search(r"runtime=(\d+)", block).group(1))
+    # A: 5 volumes -> shards of 2 and 3; B: 2 volumes -> one shard; ceil(7/2) = 4 would be the bound
+    assert runtimes == {"site=A, part=0": 60, "site=A, part=1": 90, "site=B, part=0": 60}
