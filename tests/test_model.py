@@ -424,3 +424,99 @@ def test_scale_for_simulation_keeps_the_scorers_slices():
     assert 0.9 < np.percentile(scaled[raw > 0], 99.5) < 1.1  # ~[0, 1] for the simulator
     twice, _ = slices.extract_from_array(io.normalize_intensity(raw), aff, cfg)
     assert np.abs(twice - want).max() > 1e-3
+
+
+# ------------------------------------------------------------------------ session 3: group loss, augmentation
+def test_group_loss_uses_group_means_for_severity_terms():
+    """group=2: calibration and triplet act on the mean score of each group of two slices of one volume,
+    computed here by hand; the clean term stays per slice."""
+    sev = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    tg = torch.tensor([[0.5, 0, 0, 0, 0]] * 2 + [[0, 1.0, 0, 0, 0]] * 2)
+    clean = _outs([0.0, 0.4, 0.0, 0.0])
+    # group means of the negatives: (0.0 + 2.0)/2 = 1.0 (target 1.0), (1.0 + 1.0)/2 = 1.0 (target 2.0)
+    neg = _outs([0.0, 2.0, 1.0, 1.0])
+    _, parts = encoder_loss(clean, clean, neg, neg, sev, tg, group=2)
+    # calib = 2 * mean over groups of (group mean - 2 SS)^2 = 2 * (0 + 1) / 2
+    assert parts["calib"] == pytest.approx(1.0)
+    # triplet per group: relu(mean(a) - mean(n) + SS) twice (a/n and p/n2): group 1: relu(0.2 - 1.0 + 0.5) = 0,
+    # group 2: relu(0 - 1.0 + 1.0) = 0 -> 0; per-slice it would have been > 0 (slice 0: relu(0 - 0 + 0.5))
+    assert parts["triplet"] == pytest.approx(0.0, abs=1e-7)
+    _, per_slice = encoder_loss(clean, clean, neg, neg, sev, tg, group=1)
+    assert per_slice["triplet"] > 0.1
+    assert parts["clean"] == pytest.approx(2 * 0.16 / 4)
+    with pytest.raises(ValueError, match="multiple"):
+        encoder_loss(_outs([0.0] * 3), _outs([0.0] * 3), _outs([0.0] * 3), _outs([0.0] * 3), sev[:3], tg[:3], group=2)
+
+
+def test_pool_sample_groups_come_from_one_entry():
+    from artifactqc.model import _Pool
+
+    pool = _Pool([], None, 10, 0, None, {})
+    for k in range(5):  # entries whose slices encode (entry, plane): value = 10 * entry + plane
+        vals = torch.tensor([10.0 * k + j for j in range(6)])
+        pool.entries.append({"clean": vals.view(6, 1, 1, 1).expand(6, 1, 2, 2).clone(),
+                             "corrupt": vals.view(6, 1, 1, 1).expand(6, 1, 2, 2).clone() + 0.5,
+                             "axis": np.array([0, 0, 1, 1, 2, 2]), "severity": k / 10, "targets": torch.zeros(5)})
+    xa, xp, xn, xn2, sev, _ = pool.sample(12, torch.Generator().manual_seed(3), group=4)
+    assert xa.shape[0] == 12
+    ent = (xa[:, 0, 0, 0] // 10).view(3, 4)
+    assert (ent == ent[:, :1]).all()  # one entry per group
+    planes = (xa[:, 0, 0, 0] % 10).view(3, 4)
+    assert all(len(set(r.tolist())) == 4 for r in planes)  # distinct planes within a group
+    assert torch.equal(xn[:, 0, 0, 0], xa[:, 0, 0, 0] + 0.5)  # negative = same plane, corrupted
+    assert torch.allclose(sev.view(3, 4), (ent / 10).float())
+    # the positive comes from another orientation of the same entry
+    ax = np.array([0, 0, 1, 1, 2, 2])
+    for a, p in zip(xa[:, 0, 0, 0].tolist(), xp[:, 0, 0, 0].tolist()):
+        assert a // 10 == p // 10 and ax[int(a % 10)] != ax[int(p % 10)]
+
+
+def test_tissue_remap_keeps_background_and_limits_slope():
+    from artifactqc.model import _tissue_remap
+
+    rng = np.random.default_rng(0)
+    data = io.normalize_intensity(_phantom((30, 32, 28)))
+    for seed in range(5):
+        out, desc = _tissue_remap(data, np.random.default_rng(seed), max_slope=3.0)
+        assert out.shape == data.shape and desc.startswith("remap")
+        assert np.all(out[data == 0] == 0)
+        # slope bound, checked on random pairs of voxels (the map is piecewise linear in the intensity)
+        i, j = rng.integers(0, data.size, (2, 5000))
+        a, b = data.ravel()[i], data.ravel()[j]
+        far = np.abs(a - b) > 1e-3
+        slope = np.abs(out.ravel()[i] - out.ravel()[j])[far] / np.abs(a - b)[far]
+        assert slope.max() <= 3.0 + 1e-3
+    # it is a different contrast, not the identity: tissue order changes for some seed
+    inner, outer = data > 0.8, (data > 0.3) & (data < 0.5)
+    orders = {bool(_tissue_remap(data, np.random.default_rng(s))[0][inner].mean()
+                   > _tissue_remap(data, np.random.default_rng(s))[0][outer].mean()) for s in range(8)}
+    assert orders == {True, False}
+
+
+def test_resample_augmentation_keeps_physical_extent():
+    """The resampled grid covers the same physical extent (first and last voxel centres fixed), at 1.0-1.7 mm,
+    and 2 mm volumes are upsampled to at least 1.3 mm."""
+    from artifactqc.model import _augment_volume, _CleanVolume
+
+    data = io.normalize_intensity(_phantom((30, 32, 28)))
+    v = _CleanVolume("toy", data, (2.0, 2.0, 2.0))
+    seen = set()
+    for seed in range(6):
+        out, spacing, desc = _augment_volume(v, np.random.default_rng(seed), 0.0, 0.0, 1.0)
+        if "resample" not in desc:
+            continue
+        seen.add(desc)
+        for n0, n1, s in zip(data.shape, out.shape, spacing):
+            assert (n1 - 1) * s == pytest.approx((n0 - 1) * 2.0, rel=1e-6)
+            assert 1.3 * 0.95 <= s <= 1.7 * 1.05  # target grid up to the rounding of the new shape
+    assert len(seen) >= 3
+
+
+def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):
+    paths, _ = toy_cohort
+    m = _train(tmp_path / "g", paths, epochs=1, batch_size=7, slice_group=2, val_volumes=[str(paths[0])])
+    info = json.loads((tmp_path / "g" / "model.json").read_text())
+    assert info["training"]["hyperparameters"]["slice_group"] == 2
+    assert m["epochs_run"] == 1 and math.isfinite(m["best_val_loss"])
+    with pytest.raises(ValueError, match="slice_group"):
+        _train(tmp_path / "g2", paths, epochs=1, slice_group=2, slice_sim_fraction=0.5)

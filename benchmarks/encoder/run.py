@@ -103,7 +103,8 @@ def cmd_train(args, data: Path) -> dict:
         vols, Path(args.out) / "model", val_fraction=0.15, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=0, device="auto", patience=args.patience, steps_per_epoch=args.steps,
         train_slices_per_axis=12, val_severities=(0.3, 0.6, 0.9), threads=args.threads, max_minutes=args.minutes,
-        pool_size=args.pool_size, sim_time_fraction=args.sim_fraction, model_id="bench-encoder",
+        pool_size=args.pool_size, sim_time_fraction=args.sim_fraction, slice_group=args.slice_group,
+        model_id="bench-encoder",
     )
     return metrics
 
@@ -417,6 +418,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--pool-size", type=int, default=300, help="corrupted volumes kept in the training pool")
     ap.add_argument("--sim-fraction", type=float, default=0.45, help="share of training wall time spent simulating")
+    ap.add_argument("--slice-group", type=int, default=1,
+                    help="triplets per corrupted volume in a batch; >1 puts the severity losses on group means")
     ap.add_argument("--sev-step", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-volumes", type=int, default=None, help="debug: fewer volumes")
