@@ -14,7 +14,7 @@ account) are overridden, the status command is squeue (there is no sacct). What 
   `sbatch -p gpu --gpus=<model>:1`, which this cluster accepts; the job sees the GPU SLURM bound to it;
 * a new site's rerun, with the GPU rules mapped to the CPU partition, submits only that site's
   shards (score_shard now without GPU options) and the gather;
-* opt-in (AQ_SLURM_DEMO=1, ~17 min on 2 cores, not in CI): the whole demo workflow (`make demo`'s
+* opt-in (AQ_SLURM_DEMO=1, ~18 min on 2 cores, not in CI): the whole demo workflow (`make demo`'s
   52 jobs besides `all`, from the generated cohort to the report) through sbatch, every job exiting 0.
 
 The daemons are stopped by PID in a finalizer; every subprocess has a timeout.
