@@ -60,8 +60,13 @@ def test_simulated_rows_and_table(model_dir, tmp_path):
     nib.save(nib.Nifti1Image(img, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
     s = pd.DataFrame({"volume_id": ["v"], "site": ["s"], "contrast": ["T1w"], "path": [str(path)],
                       "status": ["ok"], "score": [0.1], "flagged": [False]})
-    rows, table, md = compare.run_comparison(s, model_dir, artifacts=("noise", "bias"), severities=(0.0, 0.5, 1.0),
-                                             use_n4=False, device="cpu")
+    # as the workflow does: one simulate_contrast job per contrast, summarise gathers
+    part = compare.simulate_contrast(s, model_dir, "T1w", artifacts=("noise", "bias"), severities=(0.0, 0.5, 1.0),
+                                     use_n4=False, device="cpu")
+    assert compare.simulate_contrast(s, model_dir, "FLAIR").empty  # no FLAIR volume: no rows, no model load
+    rows, table, md = compare.summarise([part])
+    with pytest.raises(ValueError, match="no contrast"):
+        compare.summarise([part.iloc[:0]])
     assert len(rows) == 6 and set(rows["artifact"]) == {"noise", "bias"}
     # the clean rung is measured once and is the score the cohort table has for the file
     clean = rows[rows.severity == 0]

@@ -7,7 +7,8 @@ from the cohort itself, so it needs no extra data:
 1. :func:`reference_volumes` picks, per contrast, the cleanest volumes of the scored cohort (status ok, not
    flagged, lowest score) that were **not** used to train the encoder (paths in the training manifest are
    excluded; if a contrast has nothing else, its training volumes are used and the row says so).
-2. :func:`simulated_rows` (per contrast: :func:`simulate_contrast`, one workflow job each) corrupts each reference volume at every (artifact, severity) with
+2. :func:`simulated_rows` (per contrast: :func:`simulate_contrast`, one workflow job each; :func:`summarise`
+   gathers them) corrupts each reference volume at every (artifact, severity) with
    :func:`artifactqc.simulate.simulate_volume` (3D, native resolution; intensities brought to ~[0, 1] by a
    pure scale, :func:`artifactqc.model.scale_for_simulation`, as for the encoder's training pool, so the
    background and its noise floor stay for the IQMs that need them: EFC, FBER, SNRd, QI1) and measures the corrupted volume twice: the encoder's score and per-artifact
@@ -247,16 +248,3 @@ def summarise(parts: Iterable[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame
     rows = pd.concat(parts, ignore_index=True)
     table = comparison_table(rows)
     return rows, table, comparison_markdown(table, rows)
-
-
-def run_comparison(
-    scores: pd.DataFrame,
-    model_dir,
-    exclude_paths: Iterable[str] = (),
-    **kw,
-) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Every contrast of ``scores`` through :func:`simulate_contrast`, then :func:`summarise` (keywords as for
-    :func:`simulate_contrast`)."""
-    ok = scores[scores["status"].astype(str) == "ok"]
-    contrasts = sorted(ok["contrast"].dropna().astype(str).unique())
-    return summarise(simulate_contrast(scores, model_dir, c, exclude_paths, **kw) for c in contrasts)

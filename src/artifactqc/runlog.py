@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,8 +29,6 @@ def limit_threads(n: int) -> None:
     ITK (antspyx N4, Atropos) otherwise starts one thread per core, so two 1-thread N4 jobs on a 2-core
     machine run four threads and starve each other. Call before the first use of those libraries.
     """
-    import os
-
     n = max(1, int(n))
     for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                 "MKL_NUM_THREADS"):
