@@ -311,8 +311,11 @@ def run_on_cluster(cluster: Cluster, workdir: Path, profile: Path, *args: str, s
     return out
 
 
-def sbatch_calls(out: str) -> list[dict]:
-    """The plugin's submissions: rule, wildcards, sbatch options (before --wrap) and SLURM job id."""
+def sbatch_calls(out: str) -> tuple[list[dict], list[str]]:
+    """The plugin's submissions: rule, wildcards, sbatch options (before --wrap) and, in the same
+    order, their SLURM job ids. The plugin submits from several threads, so its "sbatch call" and
+    "submitted" lines can interleave: a call is paired with its id through the log path
+    (`--output <dir>/%j.log` in the call, the same path with the id in the "submitted" line)."""
     calls = []
     for line in out.splitlines():
         if "sbatch call: " not in line:
@@ -322,8 +325,12 @@ def sbatch_calls(out: str) -> list[dict]:
         comment = argv[argv.index("--comment") + 1]
         rule, _, wildcards = comment.removeprefix("rule_").partition("_wildcards_")
         calls.append(dict(rule=rule, wildcards=wildcards, argv=argv))
-    ids = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", out)
-    assert len(ids) == len(calls), f"{len(calls)} sbatch calls but {len(ids)} submissions:\n{out[-4000:]}"
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.?$", out, re.M)
+    assert len(submitted) == len(calls), f"{len(calls)} sbatch calls but {len(submitted)} submissions:\n{out[-4000:]}"
+    by_log = {}
+    for jobid, log in submitted:
+        by_log.setdefault(str(Path(log).with_name("%j.log")), []).append(jobid)
+    ids = [by_log[str(Path(opt(c["argv"], "--output")))].pop(0) for c in calls]
     return calls, ids
 
 
