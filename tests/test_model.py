@@ -389,8 +389,14 @@ def test_load_model_detects_tampered_or_fake_weights(tmp_path):
 
 
 def test_save_load_roundtrip_same_outputs(tmp_path):
+    """The loaded model (BatchNorms folded into the convs, channels-last) gives the saved model's eval outputs."""
     torch.manual_seed(0)
     m = ArtifactEncoder(EncoderConfig(latent_dim=2)).eval()
+    for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):  # non-trivial statistics to fold
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
     save_model(m, tmp_path / "r", slices.SliceConfig(image_size=64), {"model_id": "r"})
     m2 = load_model(tmp_path / "r", device="cpu")
     x = torch.rand(3, 1, 64, 64)
@@ -398,6 +404,7 @@ def test_save_load_roundtrip_same_outputs(tmp_path):
         a, b = m(x), m2(x)
     for k in ("score", "severity_logits", "latent"):
         torch.testing.assert_close(a[k], b[k])
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in m2.modules())
 
 
 def test_percentile_from_counts_equals_numpy():

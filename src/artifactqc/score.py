@@ -59,7 +59,7 @@ def predict_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int =
     scores, sev, lat = [], [], []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            o = model(x[i:i + batch_size].to(dev))
+            o = model(x[i:i + batch_size].to(dev, memory_format=torch.channels_last))
             scores.append(o["score"].float().cpu())
             sev.append(torch.sigmoid(o["severity_logits"]).float().cpu())
             lat.append(o["latent"].float().cpu())
