@@ -89,10 +89,13 @@ def data_dir(arg: str | None) -> Path:
     return d
 
 
-VALIDATION = [  # the trainer's held-out validation volumes: the split seed 0 drew for v3/v4, fixed since session 4
-    "templates/spm12_avg152T1.nii.gz",  # so that --seed varies only initialisation and pool draws (seed 1's own
-    "volumes/NiChart_IXI/IXI174-HH-1571_T1.nii.gz",  # split took avg152T2 and avg152PD, the only real T2w/PD
-    "volumes/NiChart_IXI/IXI239-HH-2296_T1.nii.gz",  # training volumes, out of training and gave r 0.56)
+# The trainer's validation volumes (held out from training): the split seed 0 drew for v3/v4, fixed since session 4
+# so that --seed varies only initialisation and pool draws (seed 1's own split took avg152T2 and avg152PD, the
+# only real T2w/PD training volumes, out of training and gave r 0.56).
+VALIDATION = [
+    "templates/spm12_avg152T1.nii.gz",
+    "volumes/NiChart_IXI/IXI174-HH-1571_T1.nii.gz",
+    "volumes/NiChart_IXI/IXI239-HH-2296_T1.nii.gz",
     "volumes/NiChart_IXI/IXI252-HH-1693_T1.nii.gz",
 ]
 
@@ -109,8 +112,8 @@ def cmd_train(args, data: Path) -> dict:
     vols = training_list(data)
     metrics = train_encoder(
         vols, Path(args.out) / "model", val_volumes=[str(data / v) for v in VALIDATION], epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, device="auto", patience=args.patience, steps_per_epoch=args.steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="auto", patience=args.patience,
+        steps_per_epoch=args.steps,
         train_slices_per_axis=12, val_severities=(0.3, 0.6, 0.9), threads=args.threads, max_minutes=args.minutes,
         pool_size=args.pool_size, sim_time_fraction=args.sim_fraction, slice_group=args.slice_group,
         encoder=json.loads(args.encoder) if args.encoder else None, model_id="bench-encoder",
@@ -432,7 +435,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed: initialisation and the pool's draws (validation volumes are fixed)")
     ap.add_argument("--encoder", default=None,
-                    help='architecture overrides as JSON (EncoderConfig fields), e.g. \'{"widths": [24, 48, 96, 128]}\'')
+                    help="architecture overrides as JSON (EncoderConfig fields), "
+                         "e.g. '{\"widths\": [24, 48, 96, 128]}'")
     ap.add_argument("--sev-step", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-volumes", type=int, default=None, help="debug: fewer volumes")
