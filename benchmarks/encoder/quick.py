@@ -59,9 +59,9 @@ def evaluate(model_dir: str, X: np.ndarray, meta: np.ndarray) -> None:
     from artifactqc.model import HEADS, load_model
     from artifactqc.score import predict_slices
 
-    types = ("noise", "ghosting", "bias", "anisotropy", "motion")
-    head_of = {"noise": "noise", "ghosting": "ghosting", "bias": "bias", "anisotropy": "resolution",
-               "motion": "motion"}
+    import run as R
+
+    types, head_of = R.TYPES, R.HEAD_OF
     m = load_model(model_dir, device="cpu")
     P = [predict_slices(m, x.astype(np.float32)) for x in X]
     art = np.array([r[2] for r in meta])

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from . import __version__
 from .io import sha256_file
 from .provenance import git_describe
-from .slices import SliceConfig, extract_from_array, robust_range
+from .slices import SliceConfig, extract_from_array, robust_range, subsample_step
 
 log = logging.getLogger(__name__)
 
@@ -620,7 +620,7 @@ def _tissue_remap(data: np.ndarray, rng: np.random.Generator, max_slope: float =
     the map is limited to ``max_slope`` (relative to the identity on a ~[0, 1] volume) so the map cannot
     amplify the volume's own noise into a noise artifact. Returns ``(data, description)``.
     """
-    step = max(1, int(np.ceil((data.size / 200_000) ** (1 / 3))))
+    step = subsample_step(data.size, 200_000)
     sub = data[::step, ::step, ::step]
     fgv = sub[sub > 0.08]
     if fgv.size < 100:
@@ -897,8 +897,9 @@ def train_encoder(
     exactly as at scoring. After every epoch the pool is refreshed (oldest out) for ``sim_time_fraction`` of
     the wall time (e.g. 0.45: 45 % simulating, 55 % training). Volume augmentations before the simulation:
     ``contrast_augment`` (tissue remapping or gamma/inversion), ``mask_augment`` (skull-stripped look),
-    ``resample_augment`` (random 1.0–1.7 mm grid); see :func:`_augment_volume`. ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the
-    cheap 2D simulator on the clean slices (off by default). ``slice_group`` > 1 draws each batch as groups of
+    ``resample_augment`` (random 1.0–1.7 mm grid); see :func:`_augment_volume`. ``slice_sim_fraction`` > 0
+    replaces that fraction of each batch's negatives with the cheap 2D simulator on the clean slices (off by
+    default). ``slice_group`` > 1 draws each batch as groups of
     that many triplets from one corrupted volume and puts the severity terms of the loss on the group means
     (see :func:`encoder_loss`); the batch is rounded down to a multiple of it.
 

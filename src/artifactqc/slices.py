@@ -61,9 +61,14 @@ class SliceConfig:
         return cls(**{k: v for k, v in d.items() if k in keys})
 
 
+def subsample_step(size: int, max_voxels: int) -> int:
+    """Stride along every axis so that ``data[::step, ::step, ::step]`` holds at most ~``max_voxels`` voxels."""
+    return max(1, int(np.ceil((size / max(1, max_voxels)) ** (1 / 3))))
+
+
 def robust_range(data: np.ndarray, max_voxels: int = 400_000, p_low: float = 0.5, p_high: float = 99.5):
     """``(lo, hi)`` of :func:`io.normalize_intensity` computed on a regular subsample of ``data``."""
-    step = max(1, int(np.ceil((data.size / max(1, max_voxels)) ** (1 / 3))))
+    step = subsample_step(data.size, max_voxels)
     sub = data[::step, ::step, ::step]
     mask = io.foreground_mask(sub)
     vals = sub[mask] if mask.any() else sub.ravel()
