@@ -18,8 +18,10 @@ from artifactqc.model import (
     EncoderConfig,
     ModelLoadError,
     encoder_loss,
+    fit_volume_head,
     info_nce,
     load_model,
+    pool_volume_features,
     resolve_device,
     save_model,
     train_encoder,
@@ -527,3 +529,113 @@ def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):
     assert m["epochs_run"] == 1 and math.isfinite(m["best_val_loss"])
     with pytest.raises(ValueError, match="slice_group"):
         _train(tmp_path / "g2", paths, epochs=1, slice_group=2, slice_sim_fraction=0.5)
+
+
+# ---------------------------------------------------------------------------------------- volume head
+def test_volume_features_are_symmetric_in_orientations():
+    torch.manual_seed(0)
+    h = torch.randn(12, 5)
+    ax = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    f = pool_volume_features(h, ax)
+    assert f.shape == (15,)
+    torch.testing.assert_close(f[:5], h.mean(0))
+    means = torch.stack([h[:4].mean(0), h[4:8].mean(0), h[8:].mean(0)])
+    torch.testing.assert_close(f[5:10], means.max(0).values)
+    torch.testing.assert_close(f[10:], means.min(0).values)
+    # relabelled orientations (a permuted volume) give the same features
+    torch.testing.assert_close(pool_volume_features(h, torch.tensor([2, 0, 1])[ax]), f)
+    # a missing orientation is left out of the max/min
+    f2 = pool_volume_features(h[:8], ax[:8])
+    torch.testing.assert_close(f2[5:10], torch.maximum(means[0], means[1]))
+
+
+def _textured(rng, n, size=64):
+    from scipy.ndimage import gaussian_filter
+
+    x = gaussian_filter(rng.random((n, size, size)), (0, 3, 3)).astype(np.float32)
+    x = (x - x.min()) / (x.max() - x.min())
+    return x
+
+
+def _noise_entry(rng, sev, n=9, size=64):
+    clean = _textured(rng, n, size)
+    corrupt = np.clip(clean + sev * 0.4 * rng.standard_normal(clean.shape), 0, 1.5).astype(np.float32)
+    tg = torch.zeros(len(HEADS))
+    tg[0] = sev
+    return clean, corrupt, tg
+
+
+def test_volume_head_learns_the_volume_severity_from_frozen_features():
+    """A frozen (random) encoder, noise of severity SS on whole 'volumes': the fitted head orders held-out
+    volumes by SS, is attached to the model with its config flag, and leaves the encoder unchanged."""
+    from scipy.stats import spearmanr
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = ArtifactEncoder(EncoderConfig(latent_dim=2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    axis = np.repeat(np.arange(3), 3)
+    entries = []
+    for _ in range(60):
+        sev = float(rng.uniform(0, 1))
+        c, n, tg = _noise_entry(rng, sev)
+        entries.append({"clean": torch.from_numpy(c[:, None]), "corrupt": torch.from_numpy(n[:, None]),
+                        "axis": axis, "severity": sev, "targets": tg})
+    val = []
+    for sev in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) * 2:
+        c, n, tg = _noise_entry(rng, sev)
+        val.append({"slices": torch.from_numpy((n if sev else c)[:, None]), "severity": sev,
+                    "targets": tg})
+    res = fit_volume_head(model, entries, val, seed=0, epochs=150, patience=150)
+    assert model.volume_head is not None and model.config.volume_head
+    for k, v in model.state_dict().items():
+        if k in before:
+            torch.testing.assert_close(v, before[k])
+    assert res["best_epoch"] >= 1 and res["n_entries"] == 60
+    from artifactqc.score import predict_volume
+
+    scores = [predict_volume(model, it["slices"].numpy(), device="cpu")["score"] for it in val]
+    rho = spearmanr([it["severity"] for it in val], scores).statistic
+    assert rho > 0.8, (rho, scores)
+
+
+def test_trained_model_scores_through_its_volume_head(tmp_path, toy_cohort):
+    """train_encoder fits the head by default; it is saved, loaded and used by the scorer (not the trimmed
+    mean of the slice scores); ``volume_head=False`` keeps the slice-mean model."""
+    from artifactqc.score import aggregate, predict_slices, predict_volume, score_volume
+
+    paths, _ = toy_cohort
+    m = _train(tmp_path / "vh", paths, epochs=2)
+    assert m["volume_head"]["best_epoch"] >= 1
+    info = json.loads((tmp_path / "vh" / "model.json").read_text())
+    assert info["architecture"]["volume_head"] is True
+    assert info["training"]["volume_head"]["final"]["val_loss"] >= 0
+    model = load_model(tmp_path / "vh", device="cpu")
+    assert model.volume_head is not None and not model.volume_head.training
+    sl, _ = slices.extract_slices(paths[0], model.slice_cfg)
+    pred = predict_slices(model, sl)
+    row = predict_volume(model, sl)
+    feats = pool_volume_features(torch.from_numpy(pred["hidden"]), torch.from_numpy(np.repeat(np.arange(3), len(sl) // 3)))
+    with torch.no_grad():
+        want = float(model.volume_head(feats[None])["score"][0])
+    assert row["score"] == pytest.approx(want, rel=1e-5)
+    assert row["score"] != pytest.approx(aggregate(pred)["score"], rel=1e-3)
+    assert score_volume(model, paths[0])["score"] == pytest.approx(row["score"], rel=1e-5)
+    _train(tmp_path / "plain", paths, epochs=1, volume_head=False)
+    plain = load_model(tmp_path / "plain", device="cpu")
+    assert plain.volume_head is None
+    sl2, _ = slices.extract_slices(paths[0], plain.slice_cfg)
+    assert predict_volume(plain, sl2)["score"] == pytest.approx(aggregate(predict_slices(plain, sl2))["score"])
+
+
+def test_time_capped_training_keeps_time_for_the_volume_head(tmp_path, toy_cohort):
+    """With ``max_minutes`` the epoch loop leaves time for the volume head, which is fitted and saved; the
+    weights kept are the validated moving average (``ema_decay``)."""
+    paths, _ = toy_cohort
+    m = _train(tmp_path / "cap", paths, epochs=500, patience=500, max_minutes=0.15)
+    assert m["stop_reason"].startswith("time limit") and m["volume_head"]["best_epoch"] >= 1
+    assert m["train_seconds"] < 0.15 * 60 + 15
+    info = json.loads((tmp_path / "cap" / "model.json").read_text())
+    assert info["training"]["hyperparameters"]["ema_decay"] == pytest.approx(0.995)
+    assert load_model(tmp_path / "cap", device="cpu").volume_head is not None
+

@@ -124,13 +124,13 @@ def reference_volumes(
 def _measure(model, data, affine, contrast, use_n4, seed) -> dict:
     """Encoder outputs and IQMs of one (possibly corrupted) volume."""
     from . import iqm
-    from .score import aggregate, predict_slices
+    from .score import predict_volume
     from .slices import extract_from_array
 
     row: dict = {}
     t0 = time.perf_counter()
     sl, info = extract_from_array(data, affine, model.slice_cfg)
-    row.update(aggregate(predict_slices(model, sl)))
+    row.update(predict_volume(model, sl))
     row["n_slices"] = int(info["n_slices"])
     row["score_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -16,7 +16,14 @@ see :mod:`artifactqc.slices`):
   scores do not jump between epochs with the momentum average;
 * an MLP to a hidden vector ``h``; from ``h``: the **score** ``softplus(.) >= 0``, five **per-artifact
   severities** ``sigmoid(.)`` in [0, 1] (order :data:`HEADS` = noise, ghosting, motion, bias, resolution),
-  and a **latent** vector ``z`` (``latent_dim``, default 4) for the density stage.
+  and a **latent** vector ``z`` (``latent_dim``, default 4) for the density stage;
+* a **volume head** (:class:`VolumeHead`, default for new models): the per-slice ``h`` of a volume are pooled
+  (:func:`pool_volume_features`: mean over slices, max and min over the three orientation means) and a
+  small MLP gives the volume's score, severities and latent. It is fitted after the encoder, on its frozen
+  features of whole corrupted training volumes (:func:`fit_volume_head`), so the score is regressed on the
+  volume's simulated severity, and it can compare orientations (anisotropic blur or ghosts affect one axis,
+  resampling all three). Models without it (``volume_head`` false in ``model.json``) score with the 10 %
+  trimmed mean of the per-slice outputs.
 
 Score calibration: the target score of a slice with simulated severity SS is ``SCORE_SCALE * SS`` with
 ``SCORE_SCALE = 2`` (linear, so SS 0.5 -> score 1 = the review threshold; clean -> 0).
@@ -61,6 +68,7 @@ import logging
 import math
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -115,6 +123,10 @@ class EncoderConfig:
     latent_dim: int = 4
     n_heads: int = len(HEADS)
     norm: str = "batch"
+    #: volume-level head over the pooled per-slice features (:class:`VolumeHead`); False = trimmed mean of
+    #: the per-slice outputs (models before session 5)
+    volume_head: bool = False
+    volume_hidden: int = 64
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -170,6 +182,8 @@ class ArtifactEncoder(nn.Module):
         self.latent_head = nn.Linear(cfg.hidden, cfg.latent_dim)
         # auxiliary decoder: the latent alone must predict score target and severities (training only)
         self.latent_decoder = nn.Linear(cfg.latent_dim, 1 + cfg.n_heads)
+        self.volume_head = (VolumeHead(3 * cfg.hidden, cfg.volume_hidden, cfg.n_heads, cfg.latent_dim)
+                            if cfg.volume_head else None)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(x)
@@ -180,6 +194,52 @@ class ArtifactEncoder(nn.Module):
         return {
             "score": F.softplus(self.score_head(h)[:, 0]),
             "severity_logits": self.severity_head(h),
+            "latent": z,
+            "latent_pred": self.latent_decoder(z),
+            "hidden": h,
+        }
+
+
+def pool_volume_features(h: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """Per-slice hidden vectors ``h`` [N, H] of one volume and their orientation ``axis`` [N] (0/1/2) ->
+    volume features [3H]: the mean over all slices, and the element-wise max and min over the three
+    orientation means.
+
+    The max/min pair is symmetric in the orientations (a permuted volume gives the same features) but keeps
+    what differs *between* them: a thick-slice or anisotropic volume is blurred in two orientations and sharp
+    in the third, ghosts run along one axis, while isotropic smoothing (resampling) changes all three alike.
+    A per-slice score cannot make that comparison. Orientations without slices are left out.
+    """
+    means = torch.stack([h[axis == a].mean(0) for a in range(3) if bool((axis == a).any())])
+    return torch.cat([h.mean(0), means.max(0).values, means.min(0).values])
+
+
+class VolumeHead(nn.Module):
+    """Volume-level outputs from :func:`pool_volume_features`: score (softplus), severity logits, latent.
+
+    The input is standardised by fixed buffers (``feat_mean``/``feat_std``, set from the training features
+    by :func:`fit_volume_head`), then a one-hidden-layer MLP. Trained after the encoder, on frozen features
+    of whole corrupted training volumes against the volume's simulated severity (the quantity the score
+    must predict), instead of the per-slice target that a single slice often does not show.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, n_heads: int, latent_dim: int):
+        super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(in_dim))
+        self.register_buffer("feat_std", torch.ones(in_dim))
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.LeakyReLU(0.1))
+        self.drop = nn.Dropout(0.2)
+        self.score_head = nn.Linear(hidden, 1)
+        self.severity_head = nn.Linear(hidden, n_heads)
+        self.latent_head = nn.Linear(hidden, latent_dim)
+        self.latent_decoder = nn.Linear(latent_dim, 1 + n_heads)
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        u = self.drop(self.mlp((feats - self.feat_mean) / self.feat_std))
+        z = self.latent_head(u)
+        return {
+            "score": F.softplus(self.score_head(u)[:, 0]),
+            "severity_logits": self.severity_head(u),
             "latent": z,
             "latent_pred": self.latent_decoder(z),
         }
@@ -294,7 +354,8 @@ def save_model(model: ArtifactEncoder, out_dir: str | os.PathLike, slice_cfg: Sl
         "slices": slice_cfg.to_dict(),
         "heads": list(HEADS),
         "score_scale": SCORE_SCALE,
-        "aggregation": "trimmed mean (10% each side) over slices",
+        "aggregation": ("volume head on pooled slice features (mean; max/min over orientation means)"
+                        if model.volume_head is not None else "trimmed mean (10% each side) over slices"),
         "artifactqc_version": __version__,
         "git_describe": git_describe() or None,
         "weights_file": weights.name,
@@ -346,9 +407,11 @@ def optimize_for_inference(model: ArtifactEncoder) -> ArtifactEncoder:
     return model.to(memory_format=torch.channels_last)
 
 
-def load_model(model_dir: str | os.PathLike, device: str | torch.device = "auto") -> ArtifactEncoder:
-    """Load ``encoder.safetensors`` + ``model.json`` from a directory (on ``device``, prepared for inference by
-    :func:`optimize_for_inference`).
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "auto",
+               optimize: bool = True) -> ArtifactEncoder:
+    """Load ``encoder.safetensors`` + ``model.json`` from a directory (on ``device``, in eval mode, prepared
+    for inference by :func:`optimize_for_inference` unless ``optimize`` is False, which keeps the module
+    trainable and savable).
 
     Refuses pickle checkpoints (``.pt``/``.pth``/``.ckpt``/...) with :class:`ModelLoadError`: only the
     safetensors format is loaded, because unpickling runs arbitrary code. The weights' SHA-256 must match
@@ -390,7 +453,7 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "auto"
     model = ArtifactEncoder(arch)
     model.load_state_dict(state)
     dev = resolve_device(device)
-    optimize_for_inference(model).to(dev)
+    (optimize_for_inference(model) if optimize else model.eval()).to(dev)
     model.model_info = info
     model.slice_cfg = SliceConfig.from_dict(info.get("slices", {}))
     model.device = dev
@@ -427,6 +490,8 @@ class TrainConfig:
     slice_sim_fraction: float = 0.0
     slice_group: int = 1
     bn_recalib_batches: int = 6
+    ema_decay: float | None = 0.995
+    volume_head: bool = True
     encoder: dict = field(default_factory=dict)
 
 
@@ -829,6 +894,137 @@ def _recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], dev) -> None:
     model.train(was_training)
 
 
+def _hidden(model: ArtifactEncoder, x: torch.Tensor, dev, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch].float().to(dev))["hidden"].float().cpu()
+                          for i in range(0, len(x), batch)])
+
+
+def fit_volume_head(
+    model: ArtifactEncoder, entries: Sequence[dict], val_items: Sequence[dict], *, seed: int = 0,
+    epochs: int = 400, lr: float = 3e-3, weight_decay: float = 1e-3, batch_size: int = 32, patience: int = 60,
+    slices_per_axis: int = 8, max_seconds: float | None = None, device="cpu",
+) -> dict:
+    """Fit a :class:`VolumeHead` on the frozen encoder and attach it (``model.volume_head``).
+
+    Training examples: every pool entry (:func:`make_pool_entry`) gives its clean volume (target score 0,
+    severities 0) and its corrupted volume (target ``SCORE_SCALE * SS``, the simulator's per-head
+    severities); the slices of each are reduced to :func:`pool_volume_features` of a random subset of up
+    to ``slices_per_axis`` slices per orientation (the scorer's count). Loss per entry: squared error of
+    both scores to their targets, the triplet term ``relu(S_clean - S_corrupt + SS)``, per-head BCE, and
+    the latent decoder's squared error (the latent must carry score target and severities). Early stopping
+    on the validation items' ``val_loss`` (as in :func:`train_encoder`: calibration MSE + heads BCE) with
+    ``patience`` epochs; the best head is kept. Returns its metrics.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    model.eval()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed + 613)
+    torch.manual_seed(seed + 613)
+    zeros = torch.zeros(cfg.n_heads)
+    tr = []
+    for e in entries:
+        ax = torch.as_tensor(np.asarray(e["axis"]), dtype=torch.long)
+        tr.append((_hidden(model, e["clean"], dev), _hidden(model, e["corrupt"], dev), ax, float(e["severity"]),
+                   e["targets"].float()))
+    if not tr:
+        raise ValueError("no training entries for the volume head")
+    va = []
+    for it in val_items:
+        n = len(it["slices"])
+        va.append((pool_volume_features(_hidden(model, it["slices"], dev),
+                                        torch.from_numpy(np.repeat(np.arange(3), n // 3))),
+                   float(it["severity"]), it["targets"].float()))
+    t_feat = time.perf_counter() - t0
+    head = VolumeHead(3 * cfg.hidden, cfg.volume_hidden, cfg.n_heads, cfg.latent_dim)
+    full = torch.stack([pool_volume_features(h, ax) for c, n, ax, _, _ in tr for h in (c, n)])
+    head.feat_mean.copy_(full.mean(0))
+    head.feat_std.copy_(full.std(0).clamp_min(1e-4))
+    head = head.to(dev)
+    vF = torch.stack([f for f, _, _ in va]).to(dev)
+    vS = torch.tensor([s for _, s, _ in va], device=dev)
+    vT = torch.stack([t for _, _, t in va]).to(dev)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    k = int(slices_per_axis)
+
+    def subset(h, ax):
+        keep = []
+        for a in range(3):
+            idx = torch.nonzero(ax == a)[:, 0]
+            if len(idx) > k:
+                idx = idx[torch.randperm(len(idx), generator=gen)[:k]]
+            keep.append(idx)
+        keep = torch.cat(keep)
+        return h[keep], ax[keep]
+
+    def val_loss() -> tuple[float, float]:
+        head.eval()
+        with torch.no_grad():
+            o = head(vF)
+            calib = float(((o["score"] - SCORE_SCALE * vS) ** 2).mean())
+            bce = float(F.binary_cross_entropy_with_logits(o["severity_logits"], vT))
+        head.train()
+        return calib + bce, _pearson(vS.cpu().numpy(), o["score"].cpu().numpy())
+
+    best = {"val_loss": float("inf"), "epoch": 0}
+    best_state = None
+    bad = 0
+    history = []
+    head.train()
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(tr), generator=gen).tolist()
+        tot = 0.0
+        for i in range(0, len(order), batch_size):
+            fc, fn, ss, tg = [], [], [], []
+            for j in order[i:i + batch_size]:
+                c, n, ax, s_, t_ = tr[j]
+                fc.append(pool_volume_features(*subset(c, ax)))
+                fn.append(pool_volume_features(*subset(n, ax)))
+                ss.append(s_)
+                tg.append(t_)
+            b = len(fc)
+            o = head(torch.stack(fc + fn).to(dev))
+            ss_t = torch.tensor(ss, device=dev)
+            tg_t = torch.stack(tg).to(dev)
+            sc, sn = o["score"][:b], o["score"][b:]
+            target = torch.cat([torch.zeros(b, device=dev), SCORE_SCALE * ss_t])
+            tgt_heads = torch.cat([torch.zeros_like(tg_t), tg_t])
+            lat_t = torch.cat([target[:, None], tgt_heads], 1)
+            loss = (((o["score"] - target) ** 2).mean()
+                    + F.relu(sc - sn + SCORE_SCALE * ss_t / 2).mean()
+                    + F.binary_cross_entropy_with_logits(o["severity_logits"], tgt_heads)
+                    + 0.5 * F.mse_loss(o["latent_pred"], lat_t))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * b
+        vl, vr = val_loss()
+        history.append({"epoch": epoch, "train_loss": tot / len(tr), "val_loss": vl, "val_pearson": vr})
+        if vl < best["val_loss"] - 1e-4:
+            best = {"val_loss": vl, "epoch": epoch, "val_pearson": vr}
+            best_state = {k_: v.detach().clone() for k_, v in head.state_dict().items()}
+            bad = 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    model.volume_head = head
+    model.config.volume_head = True
+    res = {"best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "best_val_pearson": best.get("val_pearson"),
+           "epochs_run": epoch, "n_entries": len(tr), "n_val_items": len(va), "feature_seconds": t_feat,
+           "seconds": time.perf_counter() - t0, "history": history}
+    log.info("volume head: best epoch %d/%d, val loss %.4f, val r %.3f (%d entries, %.1f s)", best["epoch"], epoch,
+             best["val_loss"], best.get("val_pearson") or float("nan"), len(tr), res["seconds"])
+    return res
+
+
 def _val_items(vols, cfg, severities, seed, sim_fn) -> list[dict]:
     """Fixed validation set on the inference path: each held-out volume clean and 3D-corrupted with every
     single artifact type at each of ``severities`` plus one mixture; slices with the scorer's geometry."""
@@ -879,6 +1075,8 @@ def train_encoder(
     slice_sim_fraction: float = 0.0,
     slice_group: int = 1,
     bn_recalib_batches: int = 6,
+    ema_decay: float | None = 0.995,
+    volume_head: bool = True,
     weight_decay: float = 1e-4,
     encoder: dict | None = None,
     model_id: str | None = None,
@@ -913,7 +1111,7 @@ def train_encoder(
     spacing) -> (array, params)`` overrides the 3D simulator and ``simulate_slices_fn`` the 2D one (tests).
     ``val_slices`` is accepted for backwards compatibility and ignored. Returns the metrics dict.
     """
-    from .score import aggregate
+    from .score import volume_outputs
 
     t_start = time.perf_counter()
     if threads:
@@ -984,8 +1182,16 @@ def train_encoder(
 
     gen = torch.Generator().manual_seed(seed)
     bn_gen_seed = seed + 31
-    enc_cfg = EncoderConfig.from_dict(encoder or {})
+    # the volume head is fitted after the encoder (fit_volume_head), on its frozen features
+    enc_cfg = dataclasses.replace(EncoderConfig.from_dict(encoder or {}), volume_head=False)
     model = ArtifactEncoder(enc_cfg).to(dev)
+    # exponential moving average of the weights (validated, kept and saved instead of the raw weights)
+    ema = None
+    if ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)), use_buffers=False)
+    head_reserve = 0.0 if not volume_head or deadline is None else min(90.0, 0.08 * (deadline - time.perf_counter()))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = max(1, epochs * steps_per_epoch)
     t_loop = time.perf_counter()
@@ -1007,22 +1213,23 @@ def train_encoder(
     sim2d = simulate_slices_fn or _simulate
     single = [a for a in TRAIN_ARTIFACTS if a != "mix"]
 
-    def evaluate() -> dict:
-        bgen = torch.Generator().manual_seed(bn_gen_seed)
-        batches = []
-        for _ in range(int(bn_recalib_batches)):
-            xa, xp, xn, xn2, _, _ = pool.sample(batch_size, bgen)
-            batches.append(torch.cat([xa, xp, xn, xn2]))
-        _recalibrate_bn(model, batches, dev)
-        model.eval()
+    def evaluate(net: nn.Module, recalibrate: bool = True) -> dict:
+        if recalibrate:
+            bgen = torch.Generator().manual_seed(bn_gen_seed)
+            batches = []
+            for _ in range(int(bn_recalib_batches)):
+                xa, xp, xn, xn2, _, _ = pool.sample(batch_size, bgen)
+                batches.append(torch.cat([xa, xp, xn, xn2]))
+            _recalibrate_bn(net, batches, dev)
+        net.eval()
         rows = []
         with torch.no_grad():
             for it in val_items:
-                o = model(it["slices"].to(dev))
+                o = net(it["slices"].to(dev))
                 pred = {"score": o["score"].cpu().numpy(), "severity": torch.sigmoid(o["severity_logits"]).cpu().numpy(),
-                        "latent": o["latent"].cpu().numpy()}
-                rows.append(aggregate(pred))
-        model.train()
+                        "latent": o["latent"].cpu().numpy(), "hidden": o["hidden"].cpu().numpy()}
+                rows.append(volume_outputs(net, pred))
+        net.train()
         sc = np.array([r["score"] for r in rows])
         sv = np.array([[r[f"severity_{h}"] for h in HEADS] for r in rows])
         ss = np.array([it["severity"] for it in val_items])
@@ -1084,12 +1291,14 @@ def train_encoder(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k_, v in parts.items():
                 sums[k_] = sums.get(k_, 0.0) + v
         t_train = time.perf_counter() - t_ep
         train_metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
-        val = evaluate()
+        val = evaluate(ema.module if ema is not None else model)
         # refresh part of the pool: simulate for sim_time_fraction of the wall time
         t_sim = time.perf_counter()
         f = min(max(float(sim_time_fraction), 0.0), 0.95)
@@ -1114,7 +1323,8 @@ def train_encoder(
         )
         if val["val_loss"] < best["val_loss"] - 1e-4:
             best = {"val_loss": val["val_loss"], "epoch": epoch}
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            net = ema.module if ema is not None else model
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -1122,13 +1332,19 @@ def train_encoder(
                 stop_reason = f"early stopping: no improvement for {patience} epochs"
                 log.info(stop_reason)
                 break
-        if deadline is not None and time.perf_counter() + 1.2 * t_train > deadline:
+        if deadline is not None and time.perf_counter() + 1.2 * t_train + head_reserve > deadline:
             stop_reason = f"time limit of {max_minutes} min"
             log.info("stopping: %s", stop_reason)
             break
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    head_metrics = None
+    if volume_head:
+        budget = None if deadline is None else max(20.0, deadline - time.perf_counter())
+        head_metrics = fit_volume_head(model, pool.entries, val_items, seed=seed, max_seconds=budget, device=dev)
+        # the head was fitted on the features of the current BatchNorm statistics: keep them
+        head_metrics["final"] = evaluate(model, recalibrate=False)
     model.cpu()
     manifest_sha = sha256_file(manifest) if manifest and Path(manifest).is_file() else None
     hp = dict(val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
@@ -1138,7 +1354,7 @@ def train_encoder(
               pool_refresh=pool_refresh,
               contrast_augment=contrast_augment, mask_augment=mask_augment, resample_augment=resample_augment,
               slice_sim_fraction=slice_sim_fraction, slice_group=slice_group,
-              bn_recalib_batches=bn_recalib_batches,
+              bn_recalib_batches=bn_recalib_batches, ema_decay=ema_decay, volume_head=volume_head,
               weight_decay=weight_decay, max_minutes=max_minutes, device=str(dev), threads=threads)
     metrics = {
         "best_epoch": best["epoch"],
@@ -1150,6 +1366,7 @@ def train_encoder(
         "n_corrupted_volumes": pool.made,
         "n_val_items": len(val_items),
         "final": history[best["epoch"] - 1] if best["epoch"] > 0 else None,
+        "volume_head": head_metrics,
     }
     meta = {
         "model_id": model_id or out_dir.name,

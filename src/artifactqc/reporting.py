@@ -12,8 +12,8 @@ the flow and the encoder folders) and the plotting/evaluation functions of :mod:
 Image rulers (:func:`ruler_rungs`): one clean reference volume per contrast (lowest score among the volumes
 that are not flagged) is corrupted in 3D with :func:`artifactqc.simulate.simulate_volume` — the simulator
 the encoder's training pool uses — at increasing severity with fixed random draws, and each corrupted
-volume is scored exactly like a cohort volume (model slices, encoder, trimmed mean); the displayed image is
-the axial mid-slice of the model's slices. A 3D corruption costs seconds per rung (motion the most), so
+volume is scored exactly like a cohort volume (model slices, encoder, volume aggregation); the displayed
+image is the axial mid-slice of the model's slices. A 3D corruption costs seconds per rung (motion the most), so
 the number of rungs (``report.ruler.severities``) sets most of the figure job's time.
 """
 
@@ -98,7 +98,7 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
     """
     from .io import load_volume
     from .model import scale_for_simulation
-    from .score import aggregate, predict_slices
+    from .score import predict_volume
     from .simulate import simulate_volume
     from .slices import extract_from_array
 
@@ -110,7 +110,7 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
         corrupted, _ = simulate_volume(data, artifact, float(s), seed=int(seed), spacing=vol.zooms)
         sl, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
         mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
-        score = aggregate(predict_slices(model, sl, batch_size))["score"]
+        score = predict_volume(model, sl, batch_size)["score"]
         rungs.append((float(s), np.clip(np.rot90(sl[mid], -1), 0, 1), float(score)))
     return rungs
 

@@ -4,10 +4,14 @@ Each volume goes through :func:`artifactqc.slices.extract_slices` with the slice
 model's ``model.json`` (the same code path as training), the slices run through the encoder in batches,
 and per-slice outputs are aggregated to the volume:
 
-* score, the five severities and the latent = **10 % trimmed mean** over all slices (three orientations,
-  middle 60 % of the head). The trimmed mean is robust to a few odd slices (an eye, the edge of the field of
-  view) while artifacts that affect one or two orientations only (thick slices blur two of the three
-  orientations; ghosts run along one phase-encode axis) still raise the mean.
+* models with a volume head (``volume_head`` in ``model.json``; the default for newly trained models): the per-slice
+  hidden features are pooled over the volume (mean over slices, max and min over the three orientation
+  means, :func:`artifactqc.model.pool_volume_features`) and the head gives score, the five severities and
+  the latent (:func:`volume_outputs`);
+* older models: score, the five severities and the latent = **10 % trimmed mean** over all slices (three
+  orientations, middle 60 % of the head). The trimmed mean is robust to a few odd slices (an eye, the edge
+  of the field of view) while artifacts that affect one or two orientations only (thick slices blur two of
+  the three orientations; ghosts run along one phase-encode axis) still raise the mean.
 
 A file that cannot be read or scored gives ``status="failed"``, ``error="<error_type>: <message>"`` and NaN
 outputs; it never stops the batch.
@@ -51,31 +55,64 @@ def score_columns(latent_dim: int) -> list[str]:
 
 
 def predict_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None) -> dict:
-    """Per-slice outputs (numpy): ``score`` [N], ``severity`` [N,5], ``latent`` [N,k]."""
+    """Per-slice outputs (numpy): ``score`` [N], ``severity`` [N,5], ``latent`` [N,k], ``hidden`` [N,H]."""
     dev = device or getattr(model, "device", None) or next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
     if x.ndim == 3:
         x = x[:, None]
-    scores, sev, lat = [], [], []
+    outs: dict[str, list] = {"score": [], "severity": [], "latent": [], "hidden": []}
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
             o = model(x[i:i + batch_size].to(dev, memory_format=torch.channels_last))
-            scores.append(o["score"].float().cpu())
-            sev.append(torch.sigmoid(o["severity_logits"]).float().cpu())
-            lat.append(o["latent"].float().cpu())
-    return {"score": torch.cat(scores).numpy(), "severity": torch.cat(sev).numpy(), "latent": torch.cat(lat).numpy()}
+            o["severity"] = torch.sigmoid(o["severity_logits"])
+            for k, v in outs.items():
+                v.append(o[k].float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in outs.items()}
+
+
+def _row(score: float, severity: np.ndarray, latent: np.ndarray) -> dict:
+    out = {"score": float(score)}
+    for j, h in enumerate(HEADS):
+        out[f"severity_{h}"] = float(severity[j])
+    for j, v in enumerate(latent):
+        out[f"latent_{j}"] = float(v)
+    return out
 
 
 def aggregate(pred: dict, trim: float = TRIM) -> dict:
     """Volume-level values from per-slice predictions (trimmed mean)."""
-    out = {"score": float(trimmed_mean(pred["score"], trim))}
-    sev = trimmed_mean(pred["severity"], trim)
-    for j, h in enumerate(HEADS):
-        out[f"severity_{h}"] = float(sev[j])
-    lat = trimmed_mean(pred["latent"], trim)
-    for j, v in enumerate(lat):
-        out[f"latent_{j}"] = float(v)
-    return out
+    return _row(trimmed_mean(pred["score"], trim), trimmed_mean(pred["severity"], trim),
+                trimmed_mean(pred["latent"], trim))
+
+
+def slice_axes(n: int) -> np.ndarray:
+    """Canonical orientation (0/1/2) of each of the ``n`` slices of :func:`artifactqc.slices.extract_from_array`,
+    which returns equal blocks of the three orientations in axis order."""
+    if n % 3:
+        raise ValueError(f"expected equal blocks of slices for the three orientations, got {n} slices")
+    return np.repeat(np.arange(3), n // 3)
+
+
+def volume_outputs(model: torch.nn.Module, pred: dict, axis: np.ndarray | None = None) -> dict:
+    """Volume-level values: the model's :class:`~artifactqc.model.VolumeHead` on the pooled per-slice
+    features if it has one, else the trimmed mean of the per-slice outputs (:func:`aggregate`)."""
+    head = getattr(model, "volume_head", None)
+    if head is None:
+        return aggregate(pred)
+    from .model import pool_volume_features
+
+    axis = slice_axes(len(pred["hidden"])) if axis is None else np.asarray(axis)
+    dev = next(head.parameters()).device
+    with torch.inference_mode():
+        feats = pool_volume_features(torch.from_numpy(pred["hidden"]), torch.from_numpy(axis))
+        o = head(feats[None].to(dev))
+    return _row(float(o["score"][0]), torch.sigmoid(o["severity_logits"][0]).float().cpu().numpy(),
+                o["latent"][0].float().cpu().numpy())
+
+
+def predict_volume(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None) -> dict:
+    """Volume-level score, severities and latent from a volume's slices (all orientations, as extracted)."""
+    return volume_outputs(model, predict_slices(model, slices, batch_size, device))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -91,8 +128,7 @@ def score_volume(model: torch.nn.Module, path: str | os.PathLike, batch_size: in
     row: dict = {"path": str(path), "status": "ok", "error": None}
     try:
         sl, info = extract_slices(path, model.slice_cfg)
-        pred = predict_slices(model, sl, batch_size)
-        row.update(aggregate(pred))
+        row.update(predict_volume(model, sl, batch_size))
         row["n_slices"] = int(info["n_slices"])
     except Exception as exc:  # one bad file must never stop the batch
         log.warning("scoring failed for %s: %s", path, _error_text(exc))

@@ -194,7 +194,7 @@ def training_manifest():
 
 def train_overrides():
     """Training settings from config that override the model's defaults (null = default)."""
-    keys = ("epochs", "batch_size", "lr", "patience", "max_minutes")
+    keys = ("epochs", "batch_size", "lr", "patience", "max_minutes", "volume_head")
     return {k: config["train"][k] for k in keys if config["train"][k] is not None}
 
 
