@@ -8,7 +8,8 @@ machine) and then evaluates any number of models and volume aggregations in seco
     .venv/bin/python benchmarks/encoder/quick.py --cache /tmp/encq/quality_slices.npz MODEL_DIR [MODEL_DIR ...]
 
 Prints Pearson r(SS, score), Spearman per type and argmax accuracy (SS >= 0.5) for several aggregations of the
-slice outputs (trimmed mean = the scorer's), the mean score per type and severity, the clean scores and the
+slice outputs (trimmed mean = the scorer's for models without a volume head) and for the volume head if the model
+has one (then the scorer's, and the tables below use it), the mean score per type and severity, the clean scores and the
 per-volume Pearson r. With the v3 model and the trimmed mean it reproduces results.md (r 0.609).
 """
 
@@ -57,7 +58,7 @@ def evaluate(model_dir: str, X: np.ndarray, meta: np.ndarray) -> None:
     from scipy.stats import pearsonr, spearmanr, trim_mean
 
     from artifactqc.model import HEADS, load_model
-    from artifactqc.score import predict_slices
+    from artifactqc.score import predict_slices, volume_outputs
 
     import run as R
 
@@ -94,6 +95,11 @@ def evaluate(model_dir: str, X: np.ndarray, meta: np.ndarray) -> None:
     print(f"{'2 x max head':22s}", metrics(2 * sev.max(1), sev))
     print(f"{'sum of heads':22s}", metrics(sev.sum(1), sev))
     sc = np.array([trim_mean(p["score"], 0.1) for p in P])
+    if m.volume_head is not None:  # the scorer uses the volume head: tables below are its scores
+        rows = [volume_outputs(m, p) for p in P]
+        sc = np.array([r["score"] for r in rows])
+        sev = np.array([[r[f"severity_{h}"] for h in HEADS] for r in rows])
+        print(f"{'volume head (scorer)':22s}", metrics(sc, sev))
     df = pd.DataFrame({"volume": vol, "artifact": art, "ss": ss, "score": sc})
     print(df.groupby(["artifact", "ss"]).score.mean().unstack().round(2).to_string())
     print(df[df.artifact == "none"].set_index("volume").score.round(3).to_string())

@@ -4,6 +4,8 @@ Steps (each writes into ``--out``, default ``benchmarks/encoder``):
 
 * ``train``   train the benchmark model (training subset below, whole volumes held out for validation
               by the trainer) -> ``<out>/model/`` (encoder.safetensors + model.json, not committed).
+* ``head``    fit a volume head on the frozen encoder of ``--base`` with ``--entries`` new corrupted training
+              volumes -> ``<out>/model/`` (new models get one from ``train`` already).
 * ``quality`` simulate each artifact type at severities 0..1 onto held-out volumes (T1w, T2w, FLAIR),
               score them -> Pearson r(SS, score), Spearman per type, argmax-head accuracy for SS >= 0.5.
 * ``robust``  clean volumes x1000 stored as int16, reoriented (axes permuted/flipped, consistent
@@ -122,11 +124,11 @@ def cmd_train(args, data: Path) -> dict:
 
 
 def _score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
-    from artifactqc.score import aggregate, predict_slices
+    from artifactqc.score import predict_volume
     from artifactqc.slices import extract_from_array
 
     s, info = extract_from_array(data, affine, model.slice_cfg)
-    return aggregate(predict_slices(model, s))
+    return predict_volume(model, s)
 
 
 def _canon_norm(path: Path):
@@ -358,7 +360,7 @@ def cmd_simcheck(args, data: Path, model) -> dict:
 
 def write_md(out: Path, res: dict) -> None:
     L = ["# Encoder benchmark results", ""]
-    L.append("Measured on a shared, heavily loaded 2-core machine (other engineers' jobs running); "
+    L.append("Measured on a 2-core machine (load: see README.md findings); "
              "speeds are indicative. Reproduce: see README.md.")
     L.append("")
     if "train" in res:
@@ -416,9 +418,36 @@ def write_md(out: Path, res: dict) -> None:
     (out / "results.md").write_text("\n".join(L) + "\n")
 
 
+def cmd_head(args, data: Path) -> dict:
+    """Fit a volume head (``model.fit_volume_head``) on the frozen encoder of ``--base`` (default
+    ``<out>/model``) with ``--entries`` freshly corrupted training volumes; writes ``<out>/model``."""
+    import dataclasses
+
+    from artifactqc import model as M
+
+    src = Path(args.base) if args.base else Path(args.out) / "model"
+    enc = M.load_model(src, device="cpu", optimize=False)
+    info = enc.model_info
+    hp = info["training"]["hyperparameters"]
+    train_cfg = dataclasses.replace(enc.slice_cfg, slices_per_axis=int(hp["train_slices_per_axis"]))
+    val = [str(data / v) for v in VALIDATION]
+    tr = [M._load_clean_volume(p, train_cfg, True) for p in training_list(data) if p not in val]
+    va = [M._load_clean_volume(p, train_cfg, False) for p in val]
+    items = M._val_items(va, enc.slice_cfg, tuple(hp["val_severities"]), int(hp["seed"]), None)
+    aug = {"contrast": hp["contrast_augment"], "mask": hp["mask_augment"], "resample": hp["resample_augment"]}
+    pool = M._Pool(tr, train_cfg, args.entries, args.seed + 1, None, aug)
+    t0 = time.perf_counter()
+    pool.fill(args.entries)
+    log.info("%d corrupted training volumes in %.0f s", len(pool.entries), time.perf_counter() - t0)
+    res = M.fit_volume_head(enc, pool.entries, items, seed=args.seed)
+    training = dict(info["training"], volume_head={k: v for k, v in res.items()} | {"base_model": str(src)})
+    M.save_model(enc, Path(args.out) / "model", enc.slice_cfg, {"model_id": info["model_id"], "training": training})
+    return {k: v for k, v in res.items() if k != "history"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["train", "quality", "robust", "thick", "speed", "simcheck", "all"])
+    ap.add_argument("step", choices=["train", "head", "quality", "robust", "thick", "speed", "simcheck", "all"])
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--threads", type=int, default=1)
@@ -437,6 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default=None,
                     help="architecture overrides as JSON (EncoderConfig fields), "
                          "e.g. '{\"widths\": [24, 48, 96, 128]}'")
+    ap.add_argument("--base", default=None, help="head: the encoder to add a volume head to (default <out>/model)")
+    ap.add_argument("--entries", type=int, default=400, help="head: corrupted training volumes to fit it on")
     ap.add_argument("--sev-step", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-volumes", type=int, default=None, help="debug: fewer volumes")
@@ -450,6 +481,8 @@ def main(argv=None) -> int:
     if args.step == "train":
         m = cmd_train(args, data)
         res["train"] = {k: v for k, v in m.items() if k != "final"} | {"final_epoch_metrics": m.get("final")}
+    elif args.step == "head":
+        res["head"] = cmd_head(args, data)
     else:
         from artifactqc.model import load_model
 
