@@ -124,7 +124,7 @@ class EncoderConfig:
     n_heads: int = len(HEADS)
     norm: str = "batch"
     #: volume-level head over the pooled per-slice features (:class:`VolumeHead`); False = trimmed mean of
-    #: the per-slice outputs (models before session 5)
+    #: the per-slice outputs (older models)
     volume_head: bool = False
     volume_hidden: int = 64
 
@@ -922,7 +922,6 @@ def fit_volume_head(
     cfg = model.config
     gen = torch.Generator().manual_seed(seed + 613)
     torch.manual_seed(seed + 613)
-    zeros = torch.zeros(cfg.n_heads)
     tr = []
     for e in entries:
         ax = torch.as_tensor(np.asarray(e["axis"]), dtype=torch.long)
@@ -1103,8 +1102,11 @@ def train_encoder(
 
     Validation (held-out whole volumes: ``val_fraction`` of them chosen with ``seed``, or ``val_volumes``):
     the volumes are corrupted once in 3D (every single type at ``val_severities`` plus a mixture, own seed),
-    scored per volume like :func:`artifactqc.score.score_volume` (trimmed mean over the scorer's slices), and
-    ``val_loss`` = mean (score - 2 SS)^2 + mean BCE of the volume-level severities. BatchNorm statistics are
+    scored per volume like :func:`artifactqc.score.score_volume` (trimmed mean of the slice outputs: the
+    volume head is fitted afterwards), and ``val_loss`` = mean (score - 2 SS)^2 + mean BCE of the volume-level severities. With ``ema_decay`` the
+    validated, kept and saved weights are an exponential moving average of the trained ones (per step).
+    With ``volume_head`` (default) :func:`fit_volume_head` runs on the best weights and the final pool at the
+    end (``max_minutes`` keeps up to 90 s for it). BatchNorm statistics are
     recomputed exactly before each validation (``bn_recalib_batches`` training batches). Early stopping on
     ``val_loss`` with ``patience``; ``max_minutes`` caps the whole run. Broken or too-small training files
     are skipped with a warning (recorded in ``model.json``). ``simulate_fn(data, artifact, severity, seed,
