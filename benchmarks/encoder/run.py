@@ -440,7 +440,7 @@ def cmd_head(args, data: Path) -> dict:
     pool.fill(args.entries)
     log.info("%d corrupted training volumes in %.0f s", len(pool.entries), time.perf_counter() - t0)
     res = M.fit_volume_head(enc, pool.entries, items, seed=args.seed)
-    training = dict(info["training"], volume_head={k: v for k, v in res.items()} | {"base_model": str(src)})
+    training = dict(info["training"], volume_head=res | {"base_model": str(src)})
     M.save_model(enc, Path(args.out) / "model", enc.slice_cfg, {"model_id": info["model_id"], "training": training})
     return {k: v for k, v in res.items() if k != "history"}
 

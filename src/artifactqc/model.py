@@ -929,12 +929,13 @@ def fit_volume_head(
                    e["targets"].float()))
     if not tr:
         raise ValueError("no training entries for the volume head")
+    from .score import slice_axes
+
     va = []
     for it in val_items:
-        n = len(it["slices"])
-        va.append((pool_volume_features(_hidden(model, it["slices"], dev),
-                                        torch.from_numpy(np.repeat(np.arange(3), n // 3))),
-                   float(it["severity"]), it["targets"].float()))
+        axis = torch.from_numpy(slice_axes(len(it["slices"])))
+        va.append((pool_volume_features(_hidden(model, it["slices"], dev), axis), float(it["severity"]),
+                   it["targets"].float()))
     t_feat = time.perf_counter() - t0
     head = VolumeHead(3 * cfg.hidden, cfg.volume_hidden, cfg.n_heads, cfg.latent_dim)
     full = torch.stack([pool_volume_features(h, ax) for c, n, ax, _, _ in tr for h in (c, n)])
