@@ -1114,7 +1114,7 @@ def train_encoder(
     spacing) -> (array, params)`` overrides the 3D simulator and ``simulate_slices_fn`` the 2D one (tests).
     ``val_slices`` is accepted for backwards compatibility and ignored. Returns the metrics dict.
     """
-    from .score import volume_outputs
+    from .score import predict_volume
 
     t_start = time.perf_counter()
     if threads:
@@ -1225,13 +1225,7 @@ def train_encoder(
                 batches.append(torch.cat([xa, xp, xn, xn2]))
             _recalibrate_bn(net, batches, dev)
         net.eval()
-        rows = []
-        with torch.no_grad():
-            for it in val_items:
-                o = net(it["slices"].to(dev))
-                pred = {"score": o["score"].cpu().numpy(), "severity": torch.sigmoid(o["severity_logits"]).cpu().numpy(),
-                        "latent": o["latent"].cpu().numpy(), "hidden": o["hidden"].cpu().numpy()}
-                rows.append(volume_outputs(net, pred))
+        rows = [predict_volume(net, it["slices"].numpy(), device=dev) for it in val_items]
         net.train()
         sc = np.array([r["score"] for r in rows])
         sv = np.array([[r[f"severity_{h}"] for h in HEADS] for r in rows])

@@ -13,8 +13,8 @@ Image rulers (:func:`ruler_rungs`): one clean reference volume per contrast (low
 that are not flagged) is corrupted in 3D with :func:`artifactqc.simulate.simulate_volume` — the simulator
 the encoder's training pool uses — at increasing severity with fixed random draws, and each corrupted
 volume is scored exactly like a cohort volume (model slices, encoder, volume aggregation); the displayed
-image is the axial mid-slice of the model's slices. A 3D corruption costs seconds per rung (motion the most), so
-the number of rungs (``report.ruler.severities``) sets most of the figure job's time.
+image is the axial mid-slice of the model's slices. A 3D corruption costs seconds per rung (motion the
+most), so the number of rungs (``report.ruler.severities``) sets most of the figure job's time.
 """
 
 from __future__ import annotations

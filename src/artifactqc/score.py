@@ -4,10 +4,10 @@ Each volume goes through :func:`artifactqc.slices.extract_slices` with the slice
 model's ``model.json`` (the same code path as training), the slices run through the encoder in batches,
 and per-slice outputs are aggregated to the volume:
 
-* models with a volume head (``volume_head`` in ``model.json``; the default for newly trained models): the per-slice
-  hidden features are pooled over the volume (mean over slices, max and min over the three orientation
-  means, :func:`artifactqc.model.pool_volume_features`) and the head gives score, the five severities and
-  the latent (:func:`volume_outputs`);
+* models with a volume head (``volume_head`` in ``model.json``; the default for newly trained models):
+  the per-slice hidden features are pooled over the volume (mean over slices, max and min over the three
+  orientation means, :func:`artifactqc.model.pool_volume_features`) and the head gives score, the five
+  severities and the latent (:func:`volume_outputs`);
 * older models: score, the five severities and the latent = **10 % trimmed mean** over all slices (three
   orientations, middle 60 % of the head). The trimmed mean is robust to a few odd slices (an eye, the edge
   of the field of view) while artifacts that affect one or two orientations only (thick slices blur two of
@@ -93,7 +93,7 @@ def slice_axes(n: int) -> np.ndarray:
     return np.repeat(np.arange(3), n // 3)
 
 
-def volume_outputs(model: torch.nn.Module, pred: dict, axis: np.ndarray | None = None) -> dict:
+def volume_outputs(model: torch.nn.Module, pred: dict) -> dict:
     """Volume-level values: the model's :class:`~artifactqc.model.VolumeHead` on the pooled per-slice
     features if it has one, else the trimmed mean of the per-slice outputs (:func:`aggregate`)."""
     head = getattr(model, "volume_head", None)
@@ -101,7 +101,7 @@ def volume_outputs(model: torch.nn.Module, pred: dict, axis: np.ndarray | None =
         return aggregate(pred)
     from .model import pool_volume_features
 
-    axis = slice_axes(len(pred["hidden"])) if axis is None else np.asarray(axis)
+    axis = slice_axes(len(pred["hidden"]))
     dev = next(head.parameters()).device
     with torch.inference_mode():
         feats = pool_volume_features(torch.from_numpy(pred["hidden"]), torch.from_numpy(axis))
