@@ -281,3 +281,28 @@ def test_column_validation_agrees_with_jsonschema():
             got_ok = False
             assert "line, value): [(3," in str(exc)
         assert got_ok == expected_ok, change
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_load_volume_equals_nibabel_and_names_a_corrupt_gzip(tmp_path, suffix):
+    """The one-shot .nii.gz reader gives nibabel's voxels (scaled int16, NIfTI-1 and -2); a gzip whose
+    checksum fails is reported as truncated/corrupt, not read."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(-300, 3000, size=(9, 11, 7)).astype(np.int16)
+    for kind in (nib.Nifti1Image, nib.Nifti2Image):
+        img = kind(data, np.diag([0.9, 1.1, 3.0, 1.0]))
+        img.header.set_slope_inter(0.5, 10.0)
+        p = tmp_path / f"{kind.__name__}{suffix}"
+        nib.save(img, str(p))
+        got = load_volume(p).data
+        want = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+        np.testing.assert_allclose(got, data * 0.5 + 10.0)
+    if suffix == ".nii.gz":
+        raw = bytearray((tmp_path / f"Nifti1Image{suffix}").read_bytes())
+        raw[-8] ^= 0xFF  # CRC32 of the gzip trailer
+        bad = tmp_path / "badcrc.nii.gz"
+        bad.write_bytes(bytes(raw))
+        with pytest.raises(VolumeError) as e:
+            load_volume(bad)
+        assert e.value.error_type == "truncated" and "badcrc.nii.gz" in str(e.value)

@@ -62,6 +62,28 @@ def test_slices_geometry_and_range(tmp_path):
         assert lo[axis] + 0.2 * ext - 1e-6 <= pos <= hi[axis] - 0.2 * ext + 1e-6
 
 
+@pytest.mark.parametrize("kind", ["uint8", "int16_signed", "wide", "few_levels", "no_positive", "float"])
+def test_robust_range_counting_equals_percentiles(kind):
+    """Integer-valued volumes take the counting path; it must equal io.foreground_mask + np.percentile."""
+    rng = np.random.default_rng(3)
+    base = _phantom((30, 34, 28))
+    data = {
+        "uint8": np.round(base / base.max() * 255),
+        "int16_signed": np.round(base / base.max() * 3000) - 200,
+        "wide": np.round(base / base.max() * 400_000),
+        "few_levels": np.round(base / base.max() * 3),
+        "no_positive": -np.round(base / base.max() * 100) - 1,
+        "float": base + rng.normal(0, 0.01, base.shape),
+    }[kind].astype(np.float32)
+    assert (slices._integer_counts(data) is not None) == (kind != "float")
+    lo, hi, step = slices.robust_range(data, max_voxels=10**9)
+    mask = io.foreground_mask(data)
+    want = np.percentile(data[mask] if mask.any() else data.ravel(), [0.5, 99.5])
+    if want[1] <= want[0]:
+        want[1] = want[0] + 1.0
+    assert step == 1 and (lo, hi) == pytest.approx(tuple(want), rel=1e-6, abs=1e-6)
+
+
 def test_slices_match_direct_trilinear_sampling(tmp_path):
     """Independent check: sample the normalised canonical volume with scipy at the documented coordinates."""
     from scipy.ndimage import map_coordinates

@@ -119,6 +119,7 @@ def cmd_train(args, data: Path) -> dict:
         train_slices_per_axis=12, val_severities=(0.3, 0.6, 0.9), threads=args.threads, max_minutes=args.minutes,
         pool_size=args.pool_size, sim_time_fraction=args.sim_fraction, slice_group=args.slice_group,
         encoder=json.loads(args.encoder) if args.encoder else None, model_id="bench-encoder",
+        **(json.loads(args.train) if args.train else {}),
     )
     return metrics
 
@@ -466,6 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default=None,
                     help="architecture overrides as JSON (EncoderConfig fields), "
                          "e.g. '{\"widths\": [24, 48, 96, 128]}'")
+    ap.add_argument("--train", default=None,
+                    help='train: JSON of further train_encoder arguments, e.g. \'{"resample_augment": 0.3}\'')
     ap.add_argument("--base", default=None, help="head: the encoder to add a volume head to (default <out>/model)")
     ap.add_argument("--entries", type=int, default=400, help="head: corrupted training volumes to fit it on")
     ap.add_argument("--sev-step", type=float, default=0.2)
