@@ -84,6 +84,30 @@ def test_robust_range_counting_equals_percentiles(kind):
     assert step == 1 and (lo, hi) == pytest.approx(tuple(want), rel=1e-6, abs=1e-6)
 
 
+def test_counting_path_gives_the_sorting_paths_slices(monkeypatch):
+    """Slices (and box, range) of an integer-valued volume are identical with the counting path and with
+    the generic percentile path (forced by disabling the counts)."""
+    cfg = slices.SliceConfig(image_size=40, pixel_mm=2.5, slices_per_axis=3, max_stats_voxels=20_000)
+    data = np.round(_phantom() * 7.3).astype(np.float32)
+    aff = np.diag([-1.0, 1.2, 2.0, 1.0])
+    assert slices._integer_counts(data[::2, ::2, ::2]) is not None
+    a, ia = slices.extract_from_array(data, aff, cfg)
+    monkeypatch.setattr(slices, "_integer_counts", lambda sub: None)
+    b, ib = slices.extract_from_array(data, aff, cfg)
+    assert ia == ib and np.array_equal(a, b)
+
+
+def test_head_mask_by_value_threshold_equals_normalised_threshold():
+    """The counting path's head mask (raw values >= the first value that passes) equals normalise-then-
+    threshold, including ranges that put the 0.1 threshold exactly on an integer value."""
+    sub = np.random.default_rng(5).integers(-5, 200, size=(20, 21, 22)).astype(np.float32)
+    counted = slices._integer_counts(sub)
+    assert counted is not None
+    for lo, hi in [(0.0, 100.0), (5.0, 95.0), (0.5, 120.3), (-3.0, 47.0), (150.0, 151.0), (250.0, 300.0)]:
+        want = slices.normalize(sub, lo, hi) > 0.1
+        assert np.array_equal(slices._head_mask(sub, lo, hi, counted), want), (lo, hi)
+
+
 def test_slices_match_direct_trilinear_sampling(tmp_path):
     """Independent check: sample the normalised canonical volume with scipy at the documented coordinates."""
     from scipy.ndimage import map_coordinates

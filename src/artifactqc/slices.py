@@ -177,8 +177,9 @@ def _head_mask(sub: np.ndarray, lo: float, hi: float, counted=None) -> np.ndarra
 
 
 def _box_from_mask(fg: np.ndarray, zooms: np.ndarray, step: int = 1, shape=None):
-    """1st–99th percentile of the coordinates (mm) of the voxels of ``fg`` (a mask of ``data[::step]×3``);
-    the whole grid of ``shape`` (default ``fg.shape``) if fewer than 10 voxels are set."""
+    """Robust bounding box (mm, voxel-centre coordinates of the canonical grid) of the head: the 1st–99th
+    percentile of the coordinates of the voxels of ``fg`` (a mask of ``data[::step]×3``, see
+    :func:`_head_mask`); the whole grid of ``shape`` (default ``fg.shape``) if fewer than 10 voxels are set."""
     p01 = fg.sum(axis=2)  # projections from two passes over the mask instead of three
     counts = (p01.sum(axis=1), p01.sum(axis=0), fg.sum(axis=(0, 1)))
     if int(counts[0].sum()) < 10:
@@ -189,15 +190,6 @@ def _box_from_mask(fg: np.ndarray, zooms: np.ndarray, step: int = 1, shape=None)
     for a in range(3):
         lo[a], hi[a] = (_percentile_from_counts(counts[a], q) * step for q in (1, 99))
     return lo * zooms, hi * zooms
-
-
-def head_box_mm(norm: np.ndarray, zooms: np.ndarray, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Robust bounding box (mm, voxel-centre coordinates of the canonical grid) of the head.
-
-    Foreground = normalised intensity above 0.1 (the threshold of :func:`io.foreground_mask` on the
-    percentile-scaled volume); the box spans the 1st–99th percentile of foreground coordinates.
-    """
-    return _box_from_mask(norm[::step, ::step, ::step] > 0.1, zooms, step, norm.shape)
 
 
 def _plane_positions(box_lo, box_hi, cfg: SliceConfig) -> list[np.ndarray]:
