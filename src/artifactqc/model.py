@@ -154,6 +154,18 @@ def _norm(kind: str, c: int, groups: int = 8) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
+def _head_outputs(m: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output heads shared by :class:`ArtifactEncoder` (per slice) and :class:`VolumeHead` (per volume):
+    score (softplus, >= 0), severity logits, latent and the latent decoder's prediction, from features ``h``."""
+    z = m.latent_head(h)
+    return {
+        "score": F.softplus(m.score_head(h)[:, 0]),
+        "severity_logits": m.severity_head(h),
+        "latent": z,
+        "latent_pred": m.latent_decoder(z),
+    }
+
+
 class ArtifactEncoder(nn.Module):
     """Downsampling conv encoder -> (score, severities[5], latent). See the module docstring."""
 
@@ -190,14 +202,7 @@ class ArtifactEncoder(nn.Module):
         f = f.flatten(2)
         pooled = torch.cat([f.mean(-1), f.std(-1, correction=0)], dim=1)
         h = self.mlp(pooled)
-        z = self.latent_head(h)
-        return {
-            "score": F.softplus(self.score_head(h)[:, 0]),
-            "severity_logits": self.severity_head(h),
-            "latent": z,
-            "latent_pred": self.latent_decoder(z),
-            "hidden": h,
-        }
+        return {**_head_outputs(self, h), "hidden": h}
 
 
 def pool_volume_features(h: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
@@ -235,14 +240,7 @@ class VolumeHead(nn.Module):
         self.latent_decoder = nn.Linear(latent_dim, 1 + n_heads)
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        u = self.drop(self.mlp((feats - self.feat_mean) / self.feat_std))
-        z = self.latent_head(u)
-        return {
-            "score": F.softplus(self.score_head(u)[:, 0]),
-            "severity_logits": self.severity_head(u),
-            "latent": z,
-            "latent_pred": self.latent_decoder(z),
-        }
+        return _head_outputs(self, self.drop(self.mlp((feats - self.feat_mean) / self.feat_std)))
 
 
 class PublishedEncoder(nn.Module):
