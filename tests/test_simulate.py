@@ -250,6 +250,60 @@ def test_ssim_independent_reference():
     assert torch.allclose(t, torch.full((2,), expect, dtype=t.dtype), rtol=1e-4)
 
 
+# --- per-sample SSIM matching (match_ssim=True) ----------------------------------------------------------
+def test_ssim_loss_on_the_mask_box_equals_ssim_masked(vol):
+    vol = np.pad(vol, 12)  # background around the head, as in a real scan
+    out, _ = S.simulate_volume(vol, "ghosting", 0.7, seed=1)
+    loss = S._SSIMLoss(vol)
+    assert loss.ref.size < vol.size  # really cropped
+    assert 1.0 - loss(out) == pytest.approx(S.ssim_masked(vol, out), abs=1e-6)
+
+
+@pytest.mark.parametrize("artifact", S.ARTIFACTS)
+def test_matched_sample_has_the_target_ssim_and_the_same_draws(vol, artifact):
+    for sev in (0.3, 0.6):
+        out, p = S.simulate_volume(vol, artifact, sev, seed=4, match_ssim=True)
+        achieved = S.ssim_masked(vol, out)  # measured independently of the matcher
+        target = float(S.target_ssim(sev))
+        assert p["ssim_target"] == pytest.approx(target)
+        assert p["ssim"] == pytest.approx(achieved, abs=1e-6)
+        assert abs(achieved - target) <= max(S.MATCH_TOLERANCE * (1 - target), S.MATCH_ABS_TOLERANCE) + 1e-6
+        _, q = S.simulate_volume(vol, artifact, sev, seed=4)  # type-mean calibration, same seed
+        assert p["param_mean_calibrated"] == pytest.approx(q[S.PARAM_NAMES[artifact]])
+        if artifact == "bias":  # the same field shape, scaled
+            a, b = np.array(p["coefficients"][1:]), np.array(q["coefficients"][1:])
+            np.testing.assert_allclose(a / np.linalg.norm(a), b / np.linalg.norm(b), atol=1e-6)
+        else:
+            draws = {k: v for k, v in q.items() if k in ("axis", "num_ghosts", "variant", "phase_encode_axis",
+                                                          "times", "anchor_voxel", "num_moves")}
+            assert draws and all(p[k] == v for k, v in draws.items())
+
+
+def test_matching_removes_the_spread_of_fidelity_at_one_severity():
+    vols = [phantom(seed=k) for k in range(3)]
+    for artifact in ("ghosting", "bias", "anisotropy"):
+        plain = [S.ssim_masked(v, S.simulate_volume(v, artifact, 0.5, seed=sd)[0]) for v in vols for sd in (1, 2)]
+        matched = [S.ssim_masked(v, S.simulate_volume(v, artifact, 0.5, seed=sd, match_ssim=True)[0])
+                   for v in vols for sd in (1, 2)]
+        assert np.ptp(matched) < 0.5 * np.ptp(plain), artifact
+        assert np.mean(matched) == pytest.approx(float(S.target_ssim(0.5)), abs=0.01)
+
+
+def test_matched_mixture_matches_each_component_against_its_input(vol):
+    out, p = S.simulate_volume(vol, "mix", 0.8, seed=2, match_ssim=True)
+    assert p["severity"] == 0.8 and 2 <= len(p["components"]) <= 3
+    for c in p["components"]:
+        assert c["ssim_target"] == pytest.approx(float(S.target_ssim(c["severity"])))
+        tol = max(S.MATCH_TOLERANCE * (1 - c["ssim_target"]), S.MATCH_ABS_TOLERANCE)
+        assert abs(c["ssim"] - c["ssim_target"]) <= tol + 1e-6
+    assert p["ssim"] == pytest.approx(S.ssim_masked(vol, out), abs=1e-6)
+    assert p["severity_definition"].startswith("per-sample")
+    same, _ = S.simulate_volume(vol, "mix", 0.8, seed=2, match_ssim=True)
+    assert np.array_equal(out, same)  # deterministic
+    zero, _ = S.simulate_volume(vol, "mix", 0.0, seed=2, match_ssim=True)
+    assert np.array_equal(zero, vol)
+
+
 # --- CLI ---------------------------------------------------------------------------------------------------
 def test_cli_writes_nifti_with_same_affine_and_sidecar(tmp_path):
     from artifactqc.cli import main
