@@ -577,6 +577,15 @@ def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):
         _train(tmp_path / "g2", paths, epochs=1, slice_group=2, slice_sim_fraction=0.5)
 
 
+def test_ssim_matched_training_uses_and_records_the_matched_simulator(tmp_path, toy_cohort):
+    paths, _ = toy_cohort
+    m = _train(tmp_path / "s", paths, epochs=1, simulate_fn=None, match_ssim=True, val_volumes=[str(paths[0])])
+    info = json.loads((tmp_path / "s" / "model.json").read_text())["training"]
+    assert info["hyperparameters"]["match_ssim"] is True
+    assert info["simulator"] == "artifactqc.simulate.simulate_volume(match_ssim=True)"
+    assert m["n_corrupted_volumes"] >= 1 and math.isfinite(m["best_val_loss"])
+
+
 # ---------------------------------------------------------------------------------------- volume head
 def test_volume_features_are_symmetric_in_orientations():
     torch.manual_seed(0)

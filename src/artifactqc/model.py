@@ -63,6 +63,7 @@ Checkpoints are ``encoder.safetensors`` + ``model.json``; :func:`load_model` ref
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -490,6 +491,7 @@ class TrainConfig:
     bn_recalib_batches: int = 6
     ema_decay: float | None = 0.995
     volume_head: bool = True
+    match_ssim: bool = False
     encoder: dict = field(default_factory=dict)
 
 
@@ -552,10 +554,10 @@ def _simulate(x, arts, sev, gen):
     return simulate.simulate_slices(x, arts, sev, generator=gen, return_targets=True)
 
 
-def _simulate_volume(data, artifact, severity, seed, spacing):
+def _simulate_volume(data, artifact, severity, seed, spacing, match_ssim: bool = False):
     from . import simulate
 
-    return simulate.simulate_volume(data, artifact, severity, seed=seed, spacing=spacing)
+    return simulate.simulate_volume(data, artifact, severity, seed=seed, spacing=spacing, match_ssim=match_ssim)
 
 
 # ------------------------------------------------------------------------- inference-path training data
@@ -1023,6 +1025,12 @@ def fit_volume_head(
     return res
 
 
+def _simulator_name(simulate_fn, match_ssim: bool) -> str:
+    if simulate_fn is None or (match_ssim and getattr(simulate_fn, "func", None) is _simulate_volume):
+        return "artifactqc.simulate.simulate_volume" + ("(match_ssim=True)" if match_ssim else "")
+    return repr(simulate_fn)
+
+
 def _val_items(vols, cfg, severities, seed, sim_fn) -> list[dict]:
     """Fixed validation set on the inference path: each held-out volume clean and 3D-corrupted with every
     single artifact type at each of ``severities`` plus one mixture; slices with the scorer's geometry."""
@@ -1076,6 +1084,7 @@ def train_encoder(
     ema_decay: float | None = 0.995,
     volume_head: bool = True,
     weight_decay: float = 1e-4,
+    match_ssim: bool = False,
     encoder: dict | None = None,
     model_id: str | None = None,
     manifest: str | os.PathLike | None = None,
@@ -1110,6 +1119,9 @@ def train_encoder(
     ``val_loss`` with ``patience``; ``max_minutes`` caps the whole run. Broken or too-small training files
     are skipped with a warning (recorded in ``model.json``). ``simulate_fn(data, artifact, severity, seed,
     spacing) -> (array, params)`` overrides the 3D simulator and ``simulate_slices_fn`` the 2D one (tests).
+    ``match_ssim`` makes the 3D simulator match every training and validation sample's masked SSIM to its
+    severity (``simulate_volume(match_ssim=True)``: the severity label is then that sample's measured loss
+    of fidelity, not the type-mean calibration's expectation; 2-3 simulations per sample).
     ``val_slices`` is accepted for backwards compatibility and ignored. Returns the metrics dict.
     """
     from .score import predict_volume
@@ -1168,6 +1180,8 @@ def train_encoder(
     log.info("loaded %d + %d volumes (%.1f s)", len(tr_vols), len(va_vols), time.perf_counter() - t_start)
 
     t0 = time.perf_counter()
+    if simulate_fn is None and match_ssim:
+        simulate_fn = functools.partial(_simulate_volume, match_ssim=True)
     val_items = _val_items(va_vols, slice_cfg, tuple(val_severities), seed, simulate_fn)
     log.info("validation set: %d volumes (%d clean), 3D-simulated in %.1f s", len(val_items), len(va_vols),
              time.perf_counter() - t0)
@@ -1350,7 +1364,8 @@ def train_encoder(
               contrast_augment=contrast_augment, mask_augment=mask_augment, resample_augment=resample_augment,
               slice_sim_fraction=slice_sim_fraction, slice_group=slice_group,
               bn_recalib_batches=bn_recalib_batches, ema_decay=ema_decay, volume_head=volume_head,
-              weight_decay=weight_decay, max_minutes=max_minutes, device=str(dev), threads=threads)
+              weight_decay=weight_decay, match_ssim=match_ssim, max_minutes=max_minutes, device=str(dev),
+              threads=threads)
     metrics = {
         "best_epoch": best["epoch"],
         "best_val_loss": best["val_loss"],
@@ -1373,7 +1388,7 @@ def train_encoder(
             "val_volumes": [v.path for v in va_vols],
             "skipped_volumes": skipped_tr + skipped_va,
             "data_path": "3D simulation at native resolution, then slices.extract_from_array (inference path)",
-            "simulator": "artifactqc.simulate.simulate_volume" if simulate_fn is None else repr(simulate_fn),
+            "simulator": _simulator_name(simulate_fn, match_ssim),
             "artifacts": list(TRAIN_ARTIFACTS),
             "epochs": history,
             **metrics,
