@@ -7,7 +7,8 @@ machine) and then evaluates any number of models and volume aggregations in seco
 
     .venv/bin/python benchmarks/encoder/quick.py --cache /tmp/encq/quality_slices.npz MODEL_DIR [MODEL_DIR ...]
 
-Prints Pearson r(SS, score), Spearman per type and argmax accuracy (SS >= 0.5) for several aggregations of the
+With ``--match-ssim`` the cache holds rows simulated with ``simulate_volume(match_ssim=True)`` (run.py quality's
+``quality_matched``). Prints Pearson r(SS, score), Spearman per type and argmax accuracy (SS >= 0.5) for several aggregations of the
 slice outputs (trimmed mean = the scorer's for models without a volume head) and for the volume head if the
 model has one (then the scorer's, and the tables below use it), the mean score per type and severity, the clean
 scores and the per-volume Pearson r. With the v3 model and the trimmed mean it reproduces results.md (r 0.609);
@@ -27,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def build_cache(data: Path, path: Path) -> None:
+def build_cache(data: Path, path: Path, match_ssim: bool = False) -> None:
     import run as R
 
     from artifactqc import io
@@ -45,7 +46,7 @@ def build_cache(data: Path, path: Path) -> None:
         meta.append((rel, contrast, "none", 0.0))
         for t in R.TYPES:
             for sv in sevs:
-                c, _ = simulate_volume(d, t, sv, seed=1000 * k + int(100 * sv), spacing=spacing)
+                c, _ = simulate_volume(d, t, sv, seed=1000 * k + int(100 * sv), spacing=spacing, match_ssim=match_ssim)
                 s, _ = extract_from_array(c, a, cfg)
                 X.append(s.astype(np.float16))
                 meta.append((rel, contrast, t, sv))
@@ -114,13 +115,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/tmp/artifactqc_encoder_quality_slices.npz")
     ap.add_argument("--data", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--match-ssim", action="store_true",
+                    help="build the cache with per-sample SSIM-matched severities (use another --cache file)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     if not cache.is_file():
         import run as R
 
-        build_cache(R.data_dir(args.data), cache)
+        build_cache(R.data_dir(args.data), cache, args.match_ssim)
     z = np.load(cache, allow_pickle=True)
     for m in args.models:
         evaluate(m, z["X"], z["meta"])
