@@ -718,7 +718,8 @@ def simulate_volume(
             comp_sev[a] = sevs[i]
             child = np.random.default_rng(int(child_seeds[i]))
             if match_ssim:
-                out, p = apply_matched(out, a, sevs[i], child, spacing, loss=_SSIMLoss(out, mask))
+                ref_loss = loss if out is data else _SSIMLoss(out, mask)  # each component vs its own input
+                out, p = apply_matched(out, a, sevs[i], child, spacing, loss=ref_loss)
             else:
                 out, p = apply_artifact(out, a, severity_to_param(a, sevs[i], dim=3), child, spacing)
             comps.append({"artifact": a, "severity": sevs[i], "seed": int(child_seeds[i]), **p})
@@ -740,7 +741,8 @@ def simulate_volume(
     out = np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if match_ssim:
         params["severity_definition"] = "per-sample masked SSIM = 1 - TARGET_SSIM_DROP * severity (apply_matched)"
-        params["ssim"] = 1.0 - loss(out) if artifact == "mix" else params["ssim"]
+        if artifact == "mix":  # a single artifact's achieved SSIM is already in params
+            params["ssim"] = 1.0 - loss(out)
     else:
         params["severity_definition"] = "type-mean calibrated parameter (CALIBRATION_3D)"
     return out, _jsonable(params)
