@@ -1025,12 +1025,6 @@ def fit_volume_head(
     return res
 
 
-def _simulator_name(simulate_fn, match_ssim: bool) -> str:
-    if simulate_fn is None or (match_ssim and getattr(simulate_fn, "func", None) is _simulate_volume):
-        return "artifactqc.simulate.simulate_volume" + ("(match_ssim=True)" if match_ssim else "")
-    return repr(simulate_fn)
-
-
 def _val_items(vols, cfg, severities, seed, sim_fn) -> list[dict]:
     """Fixed validation set on the inference path: each held-out volume clean and 3D-corrupted with every
     single artifact type at each of ``severities`` plus one mixture; slices with the scorer's geometry."""
@@ -1180,8 +1174,10 @@ def train_encoder(
     log.info("loaded %d + %d volumes (%.1f s)", len(tr_vols), len(va_vols), time.perf_counter() - t_start)
 
     t0 = time.perf_counter()
+    simulator = "artifactqc.simulate.simulate_volume" if simulate_fn is None else repr(simulate_fn)
     if simulate_fn is None and match_ssim:
         simulate_fn = functools.partial(_simulate_volume, match_ssim=True)
+        simulator += "(match_ssim=True)"
     val_items = _val_items(va_vols, slice_cfg, tuple(val_severities), seed, simulate_fn)
     log.info("validation set: %d volumes (%d clean), 3D-simulated in %.1f s", len(val_items), len(va_vols),
              time.perf_counter() - t0)
@@ -1388,7 +1384,7 @@ def train_encoder(
             "val_volumes": [v.path for v in va_vols],
             "skipped_volumes": skipped_tr + skipped_va,
             "data_path": "3D simulation at native resolution, then slices.extract_from_array (inference path)",
-            "simulator": _simulator_name(simulate_fn, match_ssim),
+            "simulator": simulator,
             "artifacts": list(TRAIN_ARTIFACTS),
             "epochs": history,
             **metrics,
