@@ -450,3 +450,12 @@ def test_bias_log_field_equals_torchio_polynomial(shape):
     c = np.random.default_rng(1).standard_normal(20) * 0.3
     ref = np.log(tio.BiasField.generate_bias_field(np.zeros((1, *shape)), 3, c.tolist()))
     np.testing.assert_allclose(S._bias_log_field(shape, 3, c), ref, atol=1e-6)
+
+
+def test_mask_box_is_the_grown_bounding_box():
+    from artifactqc.io import mask_box
+
+    m = np.zeros((20, 30, 40), bool)
+    m[5, 10:12, 3] = m[8, 11, 30] = True
+    assert mask_box(m) == (slice(5, 9), slice(10, 12), slice(3, 31))
+    assert mask_box(m, 4) == (slice(1, 13), slice(6, 16), slice(0, 35))  # clipped at 0

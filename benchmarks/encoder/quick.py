@@ -46,7 +46,8 @@ def build_cache(data: Path, path: Path, match_ssim: bool = False) -> None:
         meta.append((rel, contrast, "none", 0.0))
         for t in R.TYPES:
             for sv in sevs:
-                c, _ = simulate_volume(d, t, sv, seed=1000 * k + int(100 * sv), spacing=spacing, match_ssim=match_ssim)
+                c, _ = simulate_volume(d, t, sv, seed=1000 * k + int(100 * sv), spacing=spacing,
+                                       match_ssim=match_ssim)
                 s, _ = extract_from_array(c, a, cfg)
                 X.append(s.astype(np.float16))
                 meta.append((rel, contrast, t, sv))

@@ -169,11 +169,12 @@ def cmd_quality(args, data: Path, model) -> dict:
                     if s == 0:
                         continue
                     t0 = time.perf_counter()
-                    corrupted, _ = simulate_volume(d, t, s, seed=1000 * k + int(100 * s), spacing=spacing,
+                    corrupted, p = simulate_volume(d, t, s, seed=1000 * k + int(100 * s), spacing=spacing,
                                                    match_ssim=definition == "matched")
                     r = _score_array(model, corrupted, a)
+                    ssim = p["ssim"] if definition == "matched" else ssim_masked(d, corrupted, mask)  # same measure
                     rows.append({"severity_definition": definition, "volume": rel, "contrast": contrast,
-                                 "artifact": t, "severity": s, "ssim": ssim_masked(d, corrupted, mask), **r})
+                                 "artifact": t, "severity": s, "ssim": ssim, **r})
                     log.info("%s %s %s %.1f -> %.3f (%.1fs)", definition, rel, t, s, r["score"],
                              time.perf_counter() - t0)
     pd.DataFrame(rows).to_csv(Path(args.out) / "quality_rows.tsv", sep="\t", index=False, float_format="%.4f")

@@ -246,6 +246,15 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     return data > thr
 
 
+def mask_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of a non-empty ``mask`` grown by ``margin`` voxels (clipped to the array), as slices."""
+    box = []
+    for ax in range(mask.ndim):
+        idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))[0]
+        box.append(slice(max(0, int(idx[0]) - margin), min(mask.shape[ax], int(idx[-1]) + margin + 1)))
+    return tuple(box)
+
+
 def normalize_intensity(
     data: np.ndarray, p_low: float = 0.5, p_high: float = 99.5, mask: np.ndarray | None = None
 ) -> np.ndarray:

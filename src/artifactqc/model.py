@@ -631,14 +631,10 @@ def scale_for_simulation(data: np.ndarray) -> np.ndarray:
 def _crop_to_head(data: np.ndarray, margin: int = 8) -> np.ndarray:
     """Drop empty borders (air) beyond ``margin`` voxels around the head: the 3D simulator's cost scales with
     the number of voxels. (The field of view still varies between training volumes, as in real cohorts.)"""
+    from .io import mask_box
+
     fg = data > 0.05
-    if not fg.any():
-        return data
-    sl = []
-    for a in range(3):
-        nz = np.nonzero(fg.any(axis=tuple(b for b in range(3) if b != a)))[0]
-        sl.append(slice(max(0, int(nz[0]) - margin), min(data.shape[a], int(nz[-1]) + 1 + margin)))
-    return data[tuple(sl)]
+    return data[mask_box(fg, margin)] if fg.any() else data
 
 
 def _err(exc: BaseException) -> str:

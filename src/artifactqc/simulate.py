@@ -574,15 +574,6 @@ def _jsonable(obj):
     return obj
 
 
-def _mask_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Bounding box of ``mask`` grown by ``margin`` voxels (clipped to the array)."""
-    box = []
-    for ax in range(mask.ndim):
-        idx = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))[0]
-        box.append(slice(max(0, int(idx[0]) - margin), min(mask.shape[ax], int(idx[-1]) + margin + 1)))
-    return tuple(box)
-
-
 class _SSIMLoss:
     """``1 - mean SSIM inside a mask`` of a volume against a fixed reference (:func:`ssim_masked`'s value),
     computed on the mask's bounding box grown by the SSIM window's reach, with the reference's local moments
@@ -594,7 +585,9 @@ class _SSIMLoss:
         if mask.sum() < 10:
             mask = np.ones(ref.shape, dtype=bool)
         self.sigma = sigma
-        self.box = _mask_box(mask, int(math.ceil(3.5 * sigma)) + 1)
+        from .io import mask_box
+
+        self.box = mask_box(mask, int(math.ceil(3.5 * sigma)) + 1)
         self.ref = np.ascontiguousarray(ref[self.box], dtype=np.float32)
         self.mask = mask[self.box]
         self.mx = _gauss(self.ref, sigma)
