@@ -74,7 +74,7 @@ def score_shard(
     ``rows`` has one row per volume of the shard, ingested or not, in sheet order of the
     ingested ones followed by the ingest failures.
     """
-    from .score import score_volumes
+    from .encoder.score import score_volumes
 
     meta = _model_meta(model_dir)
     raw = score_volumes(model_dir, volumes["path"].tolist(), batch_size=batch_size, device=device, threads=threads)
@@ -114,7 +114,8 @@ def score_shard(
 def add_density(rows: pd.DataFrame, flow_dir: str | Path, *, taus=(5, 3), rule: str, score_threshold: float,
                 config_sha256: str) -> pd.DataFrame:
     """Log-density, reference percentile, τ flags and ``flagged``, then the provenance columns."""
-    from .density import load_flow, score_table
+    from .density.flow import load_flow
+    from .density.flags import score_table
 
     flow = load_flow(flow_dir)
     out = score_table(rows, flow, taus=taus, rule=rule, score_threshold=score_threshold)
@@ -129,7 +130,7 @@ def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference
     parts = [p for p in parts if len(p)]
     cohort = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMN_DOCS))
     if per_site and len(cohort):
-        from .density import site_percentiles
+        from .density.flags import site_percentiles
 
         ok = (cohort["status"] == "ok") & np.isfinite(cohort["log_density"].astype(float))
         tmp = cohort[["site", "log_density"]].assign(in_reference=ok.to_numpy())
@@ -170,7 +171,7 @@ def write_reference_manifest(volumes_parquet: str | Path, out: str | Path, expli
 def fit_flow_for_reference(scores: pd.DataFrame, reference_tsv: str | Path, weights_out: str | Path, *,
                            flow_id: str, **fit_kwargs) -> Path:
     """Fit the density flow on the reference volumes' latents and save it beside ``weights_out``."""
-    from .density import fit_flow_from_table
+    from .density.fit import fit_flow_from_table
     from .io import sha256_file
 
     ref = pd.read_csv(reference_tsv, sep="\t", dtype=str)

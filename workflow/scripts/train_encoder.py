@@ -3,7 +3,7 @@
 import os
 
 from artifactqc import runlog
-from artifactqc.model import train_from_cli
+from artifactqc.training.loop import train_from_cli
 
 log = runlog.to_file(snakemake.log[0])
 metrics = train_from_cli(
