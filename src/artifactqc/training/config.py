@@ -17,8 +17,38 @@ POOL_ARTIFACTS = ("noise", "ghosting", "bias", "anisotropy", "motion", "motion",
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters (defaults of :func:`train_encoder`); :func:`demo_config` is the
-    ≤10 min / 2-core setting. See :func:`train_encoder` for the meaning of each field."""
+    """Training hyper-parameters: the keyword settings of :func:`artifactqc.training.loop.train_encoder`
+    (recorded in ``model.json``); :func:`demo_config` is the ≤10 min / 2-core setting.
+
+    Training data (see :func:`artifactqc.training.pool.make_pool_entry`): every training volume is loaded
+    once (canonical, scaled). A pool of at most ``pool_size`` corrupted volumes is built with the 3D simulator
+    at native resolution (random type incl. ``"mix"``, severity U(0,1), deterministic seeds;
+    ``pool_init_per_volume`` per volume first) and their slices are extracted with the scorer's code, so
+    normalisation happens after corruption exactly as at scoring. After every epoch the pool is refreshed
+    (oldest out) for ``sim_time_fraction`` of the wall time (e.g. 0.45: 45 % simulating, 55 % training), or by
+    exactly ``pool_refresh`` volumes when that is set (deterministic). Volume augmentations before the
+    simulation: ``contrast_augment`` (tissue remapping or gamma/inversion), ``mask_augment`` (skull-stripped
+    look), ``resample_augment`` (random 1.0–1.7 mm grid); see :mod:`artifactqc.training.augment`.
+    ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the cheap 2D simulator on
+    the clean slices (off by default). ``slice_group`` > 1 draws each batch as groups of that many triplets
+    from one corrupted volume and puts the severity terms of the loss on the group means (see
+    :func:`artifactqc.training.losses.encoder_loss`); the batch is rounded down to a multiple of it.
+
+    Validation (held-out whole volumes: ``val_fraction`` of them chosen with ``seed``, or the run's
+    ``val_volumes``): the volumes are corrupted once in 3D (every single type at ``val_severities`` plus a
+    mixture, own seed), scored per volume like :func:`artifactqc.encoder.score.score_volume` (trimmed mean of
+    the slice outputs: the volume head is fitted afterwards), and ``val_loss`` = mean (score - 2 SS)^2 + mean
+    BCE of the volume-level severities. With ``ema_decay`` the validated, kept and saved weights are an
+    exponential moving average of the trained ones (per step). With ``volume_head`` (default)
+    :func:`artifactqc.training.volume_head.fit_volume_head` runs on the best weights and the final pool at
+    the end (``max_minutes`` keeps up to 90 s for it). BatchNorm statistics are recomputed exactly before
+    each validation (``bn_recalib_batches`` training batches). Early stopping on ``val_loss`` with
+    ``patience``; ``max_minutes`` caps the whole run. ``match_ssim`` makes the 3D simulator match every
+    training and validation sample's masked SSIM to its severity (``simulate_volume(match_ssim=True)``: the
+    severity label is then that sample's measured loss of fidelity, not the type-mean calibration's
+    expectation; 2-3 simulations per sample). ``encoder`` holds :class:`artifactqc.encoder.network.EncoderConfig`
+    fields. ``threads`` sets torch's thread count (``None``: unchanged).
+    """
 
     val_fraction: float = 0.2
     epochs: int = 40
@@ -32,7 +62,7 @@ class TrainConfig:
     pixel_mm: float = 1.5
     train_slices_per_axis: int = 12
     val_severities: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-    threads: int = 2
+    threads: int | None = 2
     max_minutes: float | None = None
     pool_size: int = 240
     pool_init_per_volume: int = 2
@@ -47,7 +77,27 @@ class TrainConfig:
     ema_decay: float | None = 0.995
     volume_head: bool = True
     match_ssim: bool = False
-    encoder: dict = field(default_factory=dict)
+    encoder: dict | None = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "TrainConfig":
+        """The config from keyword settings (defaults for the rest); an unknown name is a ``TypeError``."""
+        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"train_encoder() got unexpected keyword argument(s) {unknown}")
+        return cls(**settings)
+
+    def recorded(self) -> dict:
+        """The hyper-parameters as recorded in ``model.json`` (``training.hyperparameters``; ``device`` and
+        ``threads`` are added by the run), in their historical order."""
+        keys = ("val_fraction", "epochs", "batch_size", "lr", "seed", "patience", "image_size", "pixel_mm",
+                "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
+                "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
+                "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
+                "weight_decay", "match_ssim", "max_minutes")
+        d = {k: getattr(self, k) for k in keys}
+        d["val_severities"] = list(self.val_severities)
+        return d
 
 
 def demo_config(**overrides) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..encoder.network import HEADS
+from ..encoder.network import HEADS, SCORE_SCALE
 from ..encoder.slices import extract_from_array
 from .config import TRAIN_ARTIFACTS
 from .pool import _simulate_volume
@@ -69,3 +69,51 @@ def _val_items(vols, cfg, severities, seed, sim_fn) -> list[dict]:
             items.append({"volume": v.path, "artifact": a, "severity": sv, "slices": torch.from_numpy(s[:, None]),
                           "targets": torch.tensor([float(hs.get(h, 0.0)) for h in HEADS], dtype=torch.float32)})
     return items
+
+
+def evaluate_model(net: nn.Module, pool, val_items: list[dict], *, batch_size: int, bn_batches: int, bn_seed: int,
+                   dev, recalibrate: bool = True) -> dict:
+    """Validation metrics of ``net`` on the fixed items: each item scored per volume like
+    :func:`artifactqc.encoder.score.predict_volume`; ``val_loss`` = mean (score - 2 SS)^2 + mean BCE of the
+    volume-level severities, plus Pearson r, Spearman per type, head accuracy at SS >= 0.5 and the clean
+    scores. With ``recalibrate`` the BatchNorm statistics are first recomputed exactly over ``bn_batches``
+    training batches of ``pool`` (fixed ``bn_seed``)."""
+    from ..encoder.score import predict_volume
+
+    if recalibrate:
+        bgen = torch.Generator().manual_seed(bn_seed)
+        batches = []
+        for _ in range(int(bn_batches)):
+            xa, xp, xn, xn2, _, _ = pool.sample(batch_size, bgen)
+            batches.append(torch.cat([xa, xp, xn, xn2]))
+        _recalibrate_bn(net, batches, dev)
+    net.eval()
+    rows = [predict_volume(net, it["slices"].numpy(), device=dev) for it in val_items]
+    net.train()
+    sc = np.array([r["score"] for r in rows])
+    sv = np.array([[r[f"severity_{h}"] for h in HEADS] for r in rows])
+    ss = np.array([it["severity"] for it in val_items])
+    tg = np.stack([it["targets"].numpy() for it in val_items])
+    arts = [it["artifact"] for it in val_items]
+    calib = float(((sc - SCORE_SCALE * ss) ** 2).mean())
+    p = np.clip(sv, 1e-6, 1 - 1e-6)
+    heads = float(-(tg * np.log(p) + (1 - tg) * np.log(1 - p)).mean())
+    per_type = {}
+    for a in [a for a in TRAIN_ARTIFACTS if a != "mix"]:
+        m = np.array([x in (a, "none") for x in arts])
+        per_type[a] = _spearman(ss[m], sc[m])
+    hi = np.array([x not in ("mix", "none") for x in arts]) & (ss >= 0.5)
+    acc = float((sv[hi].argmax(1) == tg[hi].argmax(1)).mean()) if hi.any() else float("nan")
+    clean = sc[np.array([x == "none" for x in arts])]
+    near_half = np.abs(ss - 0.5) < 0.11
+    return {
+        "val_loss": calib + heads,
+        "val_calib_mse": calib,
+        "val_heads_bce": heads,
+        "val_pearson": _pearson(ss, sc),
+        "val_spearman_by_type": per_type,
+        "val_head_acc_ss05": acc,
+        "val_clean_score_mean": float(clean.mean()),
+        "val_clean_score_sd": float(clean.std()),
+        "val_score_at_0.5": float(sc[near_half].mean()) if near_half.any() else float("nan"),
+    }

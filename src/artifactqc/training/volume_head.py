@@ -46,51 +46,16 @@ def fit_volume_head(
     cfg = model.config
     gen = torch.Generator().manual_seed(seed + 613)
     torch.manual_seed(seed + 613)
-    tr = []
-    for e in entries:
-        ax = torch.as_tensor(np.asarray(e["axis"]), dtype=torch.long)
-        tr.append((_hidden(model, e["clean"], dev), _hidden(model, e["corrupt"], dev), ax, float(e["severity"]),
-                   e["targets"].float()))
-    if not tr:
-        raise ValueError("no training entries for the volume head")
-    from ..encoder.score import slice_axes
-
-    va = []
-    for it in val_items:
-        axis = torch.from_numpy(slice_axes(len(it["slices"])))
-        va.append((pool_volume_features(_hidden(model, it["slices"], dev), axis), float(it["severity"]),
-                   it["targets"].float()))
+    tr, va = _frozen_features(model, entries, val_items, dev)
     t_feat = time.perf_counter() - t0
     head = VolumeHead(3 * cfg.hidden, cfg.volume_hidden, cfg.n_heads, cfg.latent_dim)
     full = torch.stack([pool_volume_features(h, ax) for c, n, ax, _, _ in tr for h in (c, n)])
     head.feat_mean.copy_(full.mean(0))
     head.feat_std.copy_(full.std(0).clamp_min(1e-4))
     head = head.to(dev)
-    vF = torch.stack([f for f, _, _ in va]).to(dev)
-    vS = torch.tensor([s for _, s, _ in va], device=dev)
-    vT = torch.stack([t for _, _, t in va]).to(dev)
+    val = (torch.stack([f for f, _, _ in va]).to(dev), torch.tensor([s for _, s, _ in va], device=dev),
+           torch.stack([t for _, _, t in va]).to(dev))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    k = int(slices_per_axis)
-
-    def subset(h, ax):
-        keep = []
-        for a in range(3):
-            idx = torch.nonzero(ax == a)[:, 0]
-            if len(idx) > k:
-                idx = idx[torch.randperm(len(idx), generator=gen)[:k]]
-            keep.append(idx)
-        keep = torch.cat(keep)
-        return h[keep], ax[keep]
-
-    def val_loss() -> tuple[float, float]:
-        head.eval()
-        with torch.no_grad():
-            o = head(vF)
-            calib = float(((o["score"] - SCORE_SCALE * vS) ** 2).mean())
-            bce = float(F.binary_cross_entropy_with_logits(o["severity_logits"], vT))
-        head.train()
-        return calib + bce, _pearson(vS.cpu().numpy(), o["score"].cpu().numpy())
-
     best = {"val_loss": float("inf"), "epoch": 0}
     best_state = None
     bad = 0
@@ -98,33 +63,8 @@ def fit_volume_head(
     head.train()
     epoch = 0
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(tr), generator=gen).tolist()
-        tot = 0.0
-        for i in range(0, len(order), batch_size):
-            fc, fn, ss, tg = [], [], [], []
-            for j in order[i:i + batch_size]:
-                c, n, ax, s_, t_ = tr[j]
-                fc.append(pool_volume_features(*subset(c, ax)))
-                fn.append(pool_volume_features(*subset(n, ax)))
-                ss.append(s_)
-                tg.append(t_)
-            b = len(fc)
-            o = head(torch.stack(fc + fn).to(dev))
-            ss_t = torch.tensor(ss, device=dev)
-            tg_t = torch.stack(tg).to(dev)
-            sc, sn = o["score"][:b], o["score"][b:]
-            target = torch.cat([torch.zeros(b, device=dev), SCORE_SCALE * ss_t])
-            tgt_heads = torch.cat([torch.zeros_like(tg_t), tg_t])
-            lat_t = torch.cat([target[:, None], tgt_heads], 1)
-            loss = (((o["score"] - target) ** 2).mean()
-                    + F.relu(sc - sn + SCORE_SCALE * ss_t / 2).mean()
-                    + F.binary_cross_entropy_with_logits(o["severity_logits"], tgt_heads)
-                    + 0.5 * F.mse_loss(o["latent_pred"], lat_t))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * b
-        vl, vr = val_loss()
+        tot = _head_epoch(head, opt, tr, gen, int(slices_per_axis), batch_size, dev)
+        vl, vr = _head_val_loss(head, *val)
         history.append({"epoch": epoch, "train_loss": tot / len(tr), "val_loss": vl, "val_pearson": vr})
         if vl < best["val_loss"] - 1e-4:
             best = {"val_loss": vl, "epoch": epoch, "val_pearson": vr}
@@ -147,3 +87,77 @@ def fit_volume_head(
     log.info("volume head: best epoch %d/%d, val loss %.4f, val r %.3f (%d entries, %.1f s)", best["epoch"], epoch,
              best["val_loss"], best.get("val_pearson") or float("nan"), len(tr), res["seconds"])
     return res
+
+
+def _frozen_features(model: ArtifactEncoder, entries, val_items, dev):
+    """Per-slice hidden vectors of every pool entry (clean and corrupted, with the slices' orientations) and
+    the pooled volume features of every validation item."""
+    tr = []
+    for e in entries:
+        ax = torch.as_tensor(np.asarray(e["axis"]), dtype=torch.long)
+        tr.append((_hidden(model, e["clean"], dev), _hidden(model, e["corrupt"], dev), ax, float(e["severity"]),
+                   e["targets"].float()))
+    if not tr:
+        raise ValueError("no training entries for the volume head")
+    from ..encoder.score import slice_axes
+
+    va = []
+    for it in val_items:
+        axis = torch.from_numpy(slice_axes(len(it["slices"])))
+        va.append((pool_volume_features(_hidden(model, it["slices"], dev), axis), float(it["severity"]),
+                   it["targets"].float()))
+    return tr, va
+
+
+def _subset(h, ax, k: int, gen):
+    """A random subset of at most ``k`` slices per orientation (the scorer's count)."""
+    keep = []
+    for a in range(3):
+        idx = torch.nonzero(ax == a)[:, 0]
+        if len(idx) > k:
+            idx = idx[torch.randperm(len(idx), generator=gen)[:k]]
+        keep.append(idx)
+    keep = torch.cat(keep)
+    return h[keep], ax[keep]
+
+
+def _head_epoch(head, opt, tr, gen, k: int, batch_size: int, dev) -> float:
+    """One epoch over the entries in random order; returns the summed loss (times batch size)."""
+    order = torch.randperm(len(tr), generator=gen).tolist()
+    tot = 0.0
+    for i in range(0, len(order), batch_size):
+        fc, fn, ss, tg = [], [], [], []
+        for j in order[i:i + batch_size]:
+            c, n, ax, s_, t_ = tr[j]
+            fc.append(pool_volume_features(*_subset(c, ax, k, gen)))
+            fn.append(pool_volume_features(*_subset(n, ax, k, gen)))
+            ss.append(s_)
+            tg.append(t_)
+        b = len(fc)
+        o = head(torch.stack(fc + fn).to(dev))
+        ss_t = torch.tensor(ss, device=dev)
+        tg_t = torch.stack(tg).to(dev)
+        sc, sn = o["score"][:b], o["score"][b:]
+        target = torch.cat([torch.zeros(b, device=dev), SCORE_SCALE * ss_t])
+        tgt_heads = torch.cat([torch.zeros_like(tg_t), tg_t])
+        lat_t = torch.cat([target[:, None], tgt_heads], 1)
+        loss = (((o["score"] - target) ** 2).mean()
+                + F.relu(sc - sn + SCORE_SCALE * ss_t / 2).mean()
+                + F.binary_cross_entropy_with_logits(o["severity_logits"], tgt_heads)
+                + 0.5 * F.mse_loss(o["latent_pred"], lat_t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tot += float(loss.detach()) * b
+    return tot
+
+
+def _head_val_loss(head, vF, vS, vT) -> tuple[float, float]:
+    """Validation loss (calibration MSE + heads BCE) and Pearson r of the head on the validation features."""
+    head.eval()
+    with torch.no_grad():
+        o = head(vF)
+        calib = float(((o["score"] - SCORE_SCALE * vS) ** 2).mean())
+        bce = float(F.binary_cross_entropy_with_logits(o["severity_logits"], vT))
+    head.train()
+    return calib + bce, _pearson(vS.cpu().numpy(), o["score"].cpu().numpy())
