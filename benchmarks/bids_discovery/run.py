@@ -15,11 +15,14 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 from artifactqc.cohort import discover_bids
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _harness as H  # noqa: E402
 
 FILES_PER_SESSION = ("T1w.nii.gz", "T1w.json", "T2w.nii.gz", "FLAIR.nii.gz", "dwi.nii.gz")
 
@@ -46,20 +49,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--tmp", default=None, help="where to build the tree (default: a temporary folder)")
-    ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    H.add_out_arg(ap, Path(__file__).with_name("results.json"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bids-bench-", dir=args.tmp))
     try:
-        t0 = time.perf_counter()
-        n = make_tree(tmp, args.files)
-        t_make = time.perf_counter() - t0
+        n, _, t_make = H.timed(make_tree, tmp, args.files)
         os.sync()
-        t0 = time.perf_counter()
-        df = discover_bids(tmp)
-        t_first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        df2 = discover_bids(tmp)
-        t_second = time.perf_counter() - t0
+        df, _, t_first = H.timed(discover_bids, tmp)
+        df2, _, t_second = H.timed(discover_bids, tmp)
         assert len(df) == len(df2)
         res = {
             "files": n,
@@ -75,7 +72,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=2))
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    H.write_json(args.out, res, indent=2, newline=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,9 @@ from scipy.stats import multivariate_normal as mvn
 from artifactqc.density import fit as FIT
 from artifactqc.density import flags as FLAGS
 from artifactqc.density import flow as FLOW
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _harness as H  # noqa: E402
 
 
 def make_inliers(n, k, rng):
@@ -83,9 +85,7 @@ def detection(n, k, seed, fit_kw):
     out = make_outliers(n_out, k, inl, rng)
     x = np.vstack([inl, out])
     is_out = np.r_[np.zeros(len(inl), bool), np.ones(n_out, bool)]
-    t0 = time.perf_counter()
-    f = FIT.fit_flow(x, seed=seed, **fit_kw)
-    fit_s = time.perf_counter() - t0
+    f, _, fit_s = H.timed(FIT.fit_flow, x, seed=seed, **fit_kw)
     ld = f.log_density(x)
     pct = FLOW.density_percentiles(ld, ld)
     oracle = FLOW.density_percentiles(inlier_logpdf(x, params), inlier_logpdf(x, params))
@@ -106,8 +106,8 @@ def detection(n, k, seed, fit_kw):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).parent))
+    H.add_threads_arg(ap)
+    H.add_out_arg(ap, Path(__file__).parent)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -131,7 +131,7 @@ def main(argv=None):
     meta = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": a.threads,
             "machine": platform.machine(), "note": "measured on a shared, loaded 2-core machine",
             "fit_defaults": {k: v for k, v in FLOW.FlowConfig(features=0).__dict__.items() if k != "features"}}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    H.write_json(out / "results.json", {"meta": meta, "rows": rows}, indent=2, newline=True)
     lines = ["| N | k | seed | fit s | epochs | steps | sens τ5 | spec τ5 | sens τ3 | spec τ3 | oracle sens/spec τ5 | oracle sens/spec τ3 | ρ(flow, true) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,7 +141,7 @@ def main(argv=None):
             f"{r['oracle_sens_tau5']:.3f}/{r['oracle_spec_tau5']:.3f} | {r['oracle_sens_tau3']:.3f}/{r['oracle_spec_tau3']:.3f} | "
             f"{r['spearman_vs_true_logpdf']:.3f} |"
         )
-    (out / "results_table.md").write_text("\n".join(lines) + "\n")
+    H.write_lines(out / "results_table.md", lines, newline=True)
     print("\n".join(lines))
 
 

@@ -26,6 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
 
 
 def build_cache(data: Path, path: Path, match_ssim: bool = False) -> None:
@@ -115,17 +117,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*")
     ap.add_argument("--cache", default="/tmp/artifactqc_encoder_quality_slices.npz")
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    H.add_data_arg(ap, default=None)
+    H.add_threads_arg(ap, default=2)
     ap.add_argument("--match-ssim", action="store_true",
                     help="build the cache with per-sample SSIM-matched severities (use another --cache file)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     if not cache.is_file():
-        import run as R
-
-        build_cache(R.data_dir(args.data), cache, args.match_ssim)
+        build_cache(H.data_dir(args.data), cache, args.match_ssim)
     z = np.load(cache, allow_pickle=True)
     for m in args.models:
         evaluate(m, z["X"], z["meta"])

@@ -32,9 +32,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # benchmarks/_harness.py
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
+
 log = logging.getLogger("bench.encoder")
 
 HELD_OUT = {  # never used for training or for the trainer's validation
@@ -83,13 +84,6 @@ SPEED_1MM = [
 ]
 TYPES = ("noise", "ghosting", "bias", "anisotropy", "motion")
 HEAD_OF = {"noise": "noise", "ghosting": "ghosting", "bias": "bias", "anisotropy": "resolution", "motion": "motion"}
-
-
-def data_dir(arg: str | None) -> Path:
-    d = Path(arg) if arg else (REPO.parent / "shared" / "data")
-    if not (d / "MANIFEST.tsv").is_file():
-        sys.exit(f"development data not found at {d} (pass --data DIR); nothing to benchmark")
-    return d
 
 
 # The trainer's validation volumes (held out from training): the split seed 0 drew for v3/v4, fixed since session 4
@@ -296,7 +290,6 @@ def cmd_thick(args, data: Path, model) -> dict:
 
 
 def cmd_speed(args, data: Path, model) -> dict:
-    from _harness import PublishedEncoder
     from artifactqc.encoder.score import score_volume
     from artifactqc.encoder.slices import extract_slices
 
@@ -305,13 +298,9 @@ def cmd_speed(args, data: Path, model) -> dict:
     for rel in SPEED_1MM:
         p = data / rel
         loads, scores = [], []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
-            loads.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            score_volume(model, p)
-            scores.append(time.perf_counter() - t0)
+        for _ in range(args.repeats):  # interleaved, so that machine load hits both alike
+            loads.append(H.timed(lambda: np.asarray(nib.load(str(p)).dataobj, dtype=np.float32))[2])
+            scores.append(H.timed(score_volume, model, p)[2])
         res["volumes"].append({"volume": rel, "nibabel_load_s": float(np.median(loads)),
                                "score_s": float(np.median(scores)),
                                "ratio": float(np.median(scores) / np.median(loads))})
@@ -319,7 +308,7 @@ def cmd_speed(args, data: Path, model) -> dict:
     s, _ = extract_slices(data / SPEED_1MM[0], model.slice_cfg)
     x = torch.from_numpy(s)[:, None]
     x224 = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
-    pub = PublishedEncoder().eval()
+    pub = H.PublishedEncoder().eval()
 
     def rate(m, inp, reps):
         with torch.inference_mode():
@@ -445,7 +434,7 @@ def write_md(out: Path, res: dict) -> None:
         L.append(f"- model throughput ({s['slices_per_volume']} slices/volume): ours {s['ours_slices_per_s']:.0f} "
                  f"slices/s vs published 224x224 {s['published_224_slices_per_s']:.1f} slices/s -> "
                  f"{s['throughput_ratio']:.1f}x (target >= 10)")
-    (out / "results.md").write_text("\n".join(L) + "\n")
+    H.write_lines(out / "results.md", L, newline=True)
 
 
 def cmd_head(args, data: Path) -> dict:
@@ -482,9 +471,9 @@ def cmd_head(args, data: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", choices=["train", "head", "quality", "robust", "thick", "speed", "simcheck", "all"])
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--out", default=str(HERE))
-    ap.add_argument("--threads", type=int, default=1)
+    H.add_data_arg(ap, default=None)
+    H.add_out_arg(ap, HERE)
+    H.add_threads_arg(ap)
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--steps", type=int, default=30)
@@ -510,7 +499,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    data = data_dir(args.data)
+    data = H.data_dir(args.data)
     out = Path(args.out)
     res_path = out / "results.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
@@ -532,8 +521,8 @@ def main(argv=None) -> int:
             else:
                 res[st] = out_st
             log.info("%s done in %.0f s", st, time.perf_counter() - t0)
-            res_path.write_text(json.dumps(res, indent=2))
-    res_path.write_text(json.dumps(res, indent=2))
+            H.write_json(res_path, res, indent=2)
+    H.write_json(res_path, res, indent=2)
     write_md(out, res)
     return 0
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
+
 VOLUMES = [
     ("volumes/NiChart/IXI012-HH-1211_T1.nii.gz", "T1w"),
     ("volumes/niivue-demo-images/register_T1_head_ext2.nii.gz", "T1w"),
@@ -35,12 +37,10 @@ VOLUMES = [
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    H.add_data_arg(ap)
     ap.add_argument("--mriqc-python", default="/tmp/mriqc-venv/bin/python")
     a = ap.parse_args(argv)
-    data = Path(a.data)
-    if not (data / "MANIFEST.tsv").is_file():
-        sys.exit(f"development data not found at {data} (pass --data DIR)")
+    data = H.data_dir(a.data)
     if not Path(a.mriqc_python).exists():
         sys.exit(f"MRIQC venv python not found at {a.mriqc_python}: see the README for the install commands")
     import torch
@@ -71,7 +71,7 @@ def main(argv=None):
                                         "mriqc": theirs, "rel_diff": rel_diff}
             worst = max(rel_diff.items(), key=lambda kv: kv[1] if np.isfinite(kv[1]) else -1)
             print(f"{rel}: {len(rel_diff)} IQMs compared, worst {worst[0]} {worst[1]:.2e} ({secs:.0f} s)", flush=True)
-    (HERE / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    H.write_json(HERE / "results.json", results, indent=1, default=float)
     keys = sorted({k for v in results["volumes"].values() for k in v["rel_diff"]})
     names = [Path(r).name.replace(".nii.gz", "") for r in results["volumes"]]
     L = ["# artifactqc IQM formulas vs MRIQC's own functions (identical inputs)", "",
@@ -103,7 +103,7 @@ def main(argv=None):
           "run). artifactqc takes the σ_air branch there, as MRIQC intends.",
           "* stroke_FLAIR is skull-stripped with a zero-filled background: no air voxels, so CNR, SNRd and the `bg` "
           "statistics are undefined on both sides (NaN / -1) and QI1 is MRIQC's sentinel -1.", ""]
-    (HERE / "results.md").write_text("\n".join(L))
+    H.write_lines(HERE / "results.md", L)
     print("wrote results.md / results.json")
 
 

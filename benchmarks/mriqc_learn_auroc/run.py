@@ -21,7 +21,9 @@ from artifactqc.qc.evaluate import evaluate_flags, map_ratings
 from artifactqc.qc.mriqc import read_mriqc_tsv
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
+
 NOT_IQM = {"bids_name", "site", "rater_1", "rater_2", "rater_3", "has_ghost"}
 KEY = ["cjv", "cnr", "efc", "fber", "snr_total", "snrd_total", "wm2max", "qi_1", "qi_2", "inu_range", "fwhm_avg", "rpve_gm"]
 MAPS = {
@@ -57,7 +59,7 @@ def fmt_ci(r, col="auroc"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    H.add_data_arg(ap)
     ap.add_argument("--n-boot", type=int, default=1000)
     a = ap.parse_args(argv)
     base = Path(a.data) / "qc_labels" / "mriqc-learn" / "mriqc_learn" / "datasets"
@@ -135,7 +137,7 @@ def main(argv=None):
           "sites as much as scans. The per-site tables are the fairer test; there, CJV (high = fail) and CNR/SNR "
           "(low = fail) are the most consistent across sites, EFC/FBER/QI1 are weak or inconsistent.",
           "* The raw per-site AUROC keeps its sign: values < 0.5 mean low values go with fail.", ""]
-    (HERE / "results.md").write_text("\n".join(L))
+    H.write_lines(HERE / "results.md", L)
     print(f"wrote {HERE/'results.md'} and results.tsv in {secs:.0f} s")
 
 

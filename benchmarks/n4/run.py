@@ -16,15 +16,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
 
+H.use_package()
 from artifactqc import io as aq_io  # noqa: E402
 from artifactqc.preprocess import n4 as N4  # noqa: E402
 
@@ -67,19 +67,15 @@ def wm_mask(clean: np.ndarray, head: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--threads", type=int, default=1, help="ITK threads")
-    ap.add_argument("--out", default=str(HERE))
-    ap.add_argument("--from-log", default=None, help="only rebuild the results files from the JSON rows of a log")
+    H.add_data_arg(ap)
+    H.add_threads_arg(ap, help="ITK threads")
+    H.add_out_arg(ap, HERE)
+    H.add_from_log_arg(ap)
     args = ap.parse_args(argv)
     if args.from_log:
-        rows = [json.loads(ln) for ln in open(args.from_log) if ln.startswith('{"volume"')]
-        write_results(rows, N4.N4Params(), args.threads, Path(args.out))
+        write_results(H.rows_from_log(args.from_log), N4.N4Params(), args.threads, Path(args.out))
         return 0
-    root = Path(args.data)
-    if not (root / "MANIFEST.tsv").is_file():
-        print(f"development data not found at {root} (pass --data)", file=sys.stderr)
-        return 2
+    root = H.data_dir(args.data)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     params = N4.N4Params()
     rows = []
@@ -93,9 +89,7 @@ def main(argv=None) -> int:
         wm = wm_mask(clean, head)
         kw = dict(shrink_factor=params.shrink_factor, iters=params.iters, tol=params.tol,
                   spline_distance_mm=params.spline_distance_mm, mask_method=params.mask)
-        c0, w0 = time.process_time(), time.perf_counter()
-        corrected, bias = N4.n4(biased, affine, **kw)
-        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        (corrected, bias), cpu, wall = H.timed(N4.n4, biased, affine, **kw)
         # the real volume has its own (unknown) bias, which N4 also finds: the simulated component
         # is the field estimated on the biased volume relative to the one estimated on the clean one
         _, bias_clean = N4.n4(clean, affine, **kw)
@@ -117,7 +111,7 @@ def main(argv=None) -> int:
             "wall_seconds": wall,
         }
         rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        H.print_row(row)
 
     write_results(rows, params, args.threads, Path(args.out))
     return 0
@@ -128,10 +122,10 @@ def write_results(rows: list[dict], params: N4.N4Params, threads: int, out: Path
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    df.to_csv(out / "results.tsv", sep="\t", index=False, float_format="%.4f")
+    H.write_tsv(out / "results.tsv", df)
     mean = df.drop(columns=["volume", "shape"]).mean().to_dict()
-    (out / "results.json").write_text(json.dumps({"params": vars(params), "itk_threads": threads,
-                                                   "per_volume": rows, "mean": mean}, indent=2, default=list))
+    H.write_json(out / "results.json", {"params": vars(params), "itk_threads": threads, "per_volume": rows,
+                                        "mean": mean}, indent=2, default=list)
     md = [
         "# N4 benchmark results",
         "",
@@ -143,7 +137,7 @@ def write_results(rows: list[dict], params: N4.N4Params, threads: int, out: Path
         "Mean: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()),
         "",
     ]
-    (out / "results.md").write_text("\n".join(md))
+    H.write_lines(out / "results.md", md)
     print(json.dumps(mean, indent=1))
 
 

@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
+
+REPO = H.REPO
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 SHARD_RULES = ("ingest_shard", "score_shard", "density_shard", "iqm_shard")
 MAX_SECONDS = 60.0
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
         date=time.strftime("%Y-%m-%d %H:%M"),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, runs=rows), indent=1) + "\n")
+    H.write_json(args.out / "results.json", dict(meta=meta, runs=rows), indent=1, newline=True)
     write_markdown(args.out / "results.md", meta, rows, profile_text)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
@@ -278,7 +281,7 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], profile_text: str =
     ]
     if profile_text:
         lines += ["", "## cProfile of one dry-run (cumulative, top entries)", "", "```", profile_text.strip(), "```"]
-    path.write_text("\n".join(lines) + "\n")
+    H.write_lines(path, lines, newline=True)
 
 
 def strict_summary(rows: list[dict]) -> str:

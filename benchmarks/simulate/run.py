@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
+
+REPO = H.REPO
+H.use_package()
 
 # >= 5 real volumes, 4 contrasts (T1w, T2w, FLAIR, PD), 1-2.4 mm voxels, skull-stripped and whole-head
 VOLUMES = [
@@ -229,7 +232,7 @@ def calibrate(data_dir: Path, workers: int, types=None, seeds: int = 3):
         }
         print(a, "3D", cal3[a], "clipped", clip3)
         print(a, "2D", cal2[a], "clipped", clip2)
-    (HERE / "calibration.json").write_text(json.dumps(report, indent=1))
+    H.write_json(HERE / "calibration.json", report, indent=1)
     _write_calibration(cal3, cal2, "benchmarks/simulate/run.py calibrate (" + time.strftime("%Y-%m-%d") + ")")
     print("wrote calibration.json and the CALIBRATION block of simulate/calibration.py")
 
@@ -246,7 +249,7 @@ def refit(types, method: str = "pchip"):
         cal3[a], clip = _invert(grid, r["ssim3d_mean"], S.TARGET_SSIM_DROP, method)
         r["map3d"], r["map3d_method"], r["severities_beyond_grid_3d"] = cal3[a], method, clip
         print(a, "3D", cal3[a], "clipped", clip)
-    (HERE / "calibration.json").write_text(json.dumps(rep_, indent=1))
+    H.write_json(HERE / "calibration.json", rep_, indent=1)
     src = S.CALIBRATION_SOURCE.split(";")[0] + f"; 3D {', '.join(types)} re-fitted ({method}) " + time.strftime("%Y-%m-%d")
     _write_calibration(cal3, cal2, src)
 
@@ -324,7 +327,7 @@ def validate(data_dir: Path, workers: int, seeds: int = 3, types=None):
     at5_2 = [out["types"][a]["ssim2d_mean"][5] for a in S.ARTIFACTS]
     out["band_at_0.5_3d"] = [min(at5), max(at5)]
     out["band_at_0.5_2d"] = [min(at5_2), max(at5_2)]
-    (HERE / "results.json").write_text(json.dumps(out, indent=1))
+    H.write_json(HERE / "results.json", out, indent=1)
     _write_md(out)
     print((HERE / "results.md").read_text())
 
@@ -369,7 +372,7 @@ def _write_md(out):
     if notes.is_file():
         L += [notes.read_text().rstrip(), ""]
     L += _speed_md()
-    (HERE / "results.md").write_text("\n".join(L))
+    H.write_lines(HERE / "results.md", L)
 
 
 def _speed_md() -> list[str]:
@@ -428,7 +431,7 @@ def speed(n: int = 512, reps: int = 3, threads: int = 1):
             best = min(best, time.perf_counter() - t)
         res[a] = round(n / best, 1)
         print(f"{a:10s} {n / best:8.0f} slices/s", flush=True)
-    (HERE / f"speed_threads{threads}.json").write_text(json.dumps(res, indent=1))
+    H.write_json(HERE / f"speed_threads{threads}.json", res, indent=1)
 
 
 def _step_loss(out):
@@ -519,14 +522,14 @@ def trainstep(data_dir: Path, threads: int = 2, reps: int = 7, triplets: int = 3
         res["volume_3d"][name] = row
         print(name, row, flush=True)
     res["loadavg_end"] = os.getloadavg()[0]
-    (HERE / f"trainstep_threads{threads}.json").write_text(json.dumps(res, indent=1))
+    H.write_json(HERE / f"trainstep_threads{threads}.json", res, indent=1)
     return res
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["calibrate", "refit", "validate", "speed", "trainstep", "report"])
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    H.add_data_arg(ap)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for the speed test (default 1) / trainstep (default 2)")
@@ -534,8 +537,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=3, help="random draws per volume in the 3D sweeps")
     args = ap.parse_args()
     data_dir = Path(args.data).resolve()
-    if args.mode not in ("speed", "report", "refit") and not (data_dir / "MANIFEST.tsv").is_file():
-        sys.exit(f"development data not found at {data_dir} (pass --data)")
+    if args.mode not in ("speed", "report", "refit"):
+        data_dir = H.data_dir(data_dir)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.mode == "calibrate":
         calibrate(data_dir, args.workers, args.types, args.seeds)

@@ -15,15 +15,15 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE.parent))
+import _harness as H  # noqa: E402
 
+H.use_package()
 from artifactqc import io as aq_io  # noqa: E402
 from artifactqc.preprocess import n4 as N4  # noqa: E402
 from artifactqc.preprocess import superres as SR  # noqa: E402
@@ -49,21 +49,17 @@ def crop_to_head(data: np.ndarray, margin: int = 4) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    ap.add_argument("--threads", type=int, default=1)
+    H.add_data_arg(ap)
+    H.add_threads_arg(ap)
     ap.add_argument("--n", type=int, default=len(VOLUMES), help="use the first n volumes")
     ap.add_argument("--iterations", type=int, default=None, help="override the demo setting")
-    ap.add_argument("--out", default=str(HERE))
-    ap.add_argument("--from-log", default=None, help="only rebuild the results files from the JSON rows of a log")
+    H.add_out_arg(ap, HERE)
+    H.add_from_log_arg(ap)
     args = ap.parse_args(argv)
     if args.from_log:
-        rows = [json.loads(ln) for ln in open(args.from_log) if ln.startswith('{"volume"')]
-        write_results(rows, SR.SRParams(threads=args.threads), args.threads, Path(args.out))
+        write_results(H.rows_from_log(args.from_log), SR.SRParams(threads=args.threads), args.threads, Path(args.out))
         return 0
-    data_root = Path(args.data)
-    if not (data_root / "MANIFEST.tsv").is_file():
-        print(f"development data not found at {data_root} (pass --data)", file=sys.stderr)
-        return 2
+    data_root = H.data_dir(args.data)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -82,9 +78,7 @@ def main(argv=None) -> int:
             mask = N4.head_mask(ref)
             cub = SR.upsample_axis(low, f, AXIS, n_out=n_out)
             aff = np.diag([1.0, 1.0, f, 1.0])  # spacing ratios are what matter
-            c0, w0 = time.process_time(), time.perf_counter()
-            sr, new_aff, info = SR.superres(low, aff, params=SR.SRParams(**vars(params)))
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            (sr, new_aff, info), cpu, wall = H.timed(SR.superres, low, aff, params=SR.SRParams(**vars(params)))
             assert sr.shape == ref.shape, (sr.shape, ref.shape)
             row = {
                 "volume": rel,
@@ -102,7 +96,7 @@ def main(argv=None) -> int:
             row["dpsnr"] = row["psnr_sr"] - row["psnr_cubic"]
             row["dssim"] = row["ssim_sr"] - row["ssim_cubic"]
             rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            H.print_row(row)
 
     write_results(rows, params, args.threads, Path(args.out))
     return 0
@@ -113,7 +107,7 @@ def write_results(rows: list[dict], params: SR.SRParams, threads: int, out: Path
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    df.to_csv(out / "results.tsv", sep="\t", index=False, float_format="%.4f")
+    H.write_tsv(out / "results.tsv", df)
     summ = (
         df.groupby("factor")[["psnr_cubic", "psnr_sr", "dpsnr", "ssim_cubic", "ssim_sr", "dssim", "cpu_seconds", "wall_seconds"]]
         .mean()
@@ -128,7 +122,7 @@ def write_results(rows: list[dict], params: SR.SRParams, threads: int, out: Path
         "mean_by_factor": summ.to_dict("records"),
         "target_met": meets,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    H.write_json(out / "results.json", result, indent=2)
     md = [
         "# Super-resolution benchmark results",
         "",
@@ -147,7 +141,7 @@ def write_results(rows: list[dict], params: SR.SRParams, threads: int, out: Path
         .to_markdown(index=False, floatfmt=".3f"),
         "",
     ]
-    (out / "results.md").write_text("\n".join(md))
+    H.write_lines(out / "results.md", md)
     print(json.dumps(result["mean_by_factor"], indent=1))
     print("target met:", meets)
 

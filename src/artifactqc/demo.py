@@ -1,5 +1,9 @@
 """An embedded, realistic multi-site demo cohort built only from data that installed packages ship.
 
+Size: one module of ~730 lines on purpose. Everything here serves :func:`build_demo` (sheet, head model,
+rendering, config) and nothing else in the package imports it; a third of it is this description. Split it
+when a second user of the head model or the renderer appears.
+
 ``make demo`` must run on a machine with no development data, so the demo cohort is synthesised from
 nilearn's copy of the MNI152 2009a symmetric template (T1 and GM/WM probability maps, 1 mm, found through
 the installed package, never the network) plus what this module generates:

@@ -1,5 +1,9 @@
 """MRIQC-defined image-quality metrics (IQMs) for anatomical MR volumes, without FSL/AFNI/BIDS.
 
+Size: one module of ~750 lines on purpose. It mirrors MRIQC's ``qc/anatomical.py`` and the masking steps
+before it, so that every definition can be compared with MRIQC's side by side (``benchmarks/iqm_vs_mriqc``);
+its three parts are marked below: formulas, masks and segmentation, whole-volume IQMs.
+
 The formulas follow the published MRIQC definitions (Esteban O. et al., "MRIQC: Advancing the
 automatic prediction of image quality in MRI from unseen sites", PLoS ONE 12(9):e0184661, 2017, and
 the MRIQC documentation of ``mriqc.qc.anatomical``). Every formula here is our own code and is
