@@ -4,7 +4,7 @@
   (the development data folder ``../shared/data`` or ``--data``; exits with a clear message when absent).
 * Argument defaults: :func:`add_data_arg`, :func:`add_threads_arg`, :func:`add_out_arg`,
   :func:`add_from_log_arg` — every benchmark spells ``--data``/``--threads``/``--out`` the same way.
-* Timing: :func:`timed` (result, CPU seconds, wall seconds), :class:`Stopwatch`, :func:`median_seconds`.
+* Timing: :func:`timed` (result, CPU seconds, wall seconds) and :class:`Stopwatch` (wall seconds of a step).
 * Results: :func:`print_row` / :func:`rows_from_log` (one JSON line per measured row, so a killed run can be
   re-rendered with ``--from-log``), :func:`write_json`, :func:`write_lines` (results.md and friends),
   :func:`write_tsv`.
@@ -74,33 +74,14 @@ def timed(fn: Callable, *args, **kwargs) -> tuple[Any, float, float]:
 
 
 class Stopwatch:
-    """Wall seconds since creation (or the last :meth:`restart`): ``sw = Stopwatch(); ...; sw.seconds``."""
+    """Wall seconds since creation: ``sw = Stopwatch(); ...; sw.seconds``."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
 
-    def restart(self) -> float:
-        """Seconds so far, then start again."""
-        s = self.seconds
-        self.t0 = time.perf_counter()
-        return s
-
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
-    """Median wall seconds of ``repeats`` calls of ``fn()`` and every time."""
-    times = []
-    for _ in range(repeats):
-        sw = Stopwatch()
-        fn()
-        times.append(sw.seconds)
-    times_sorted = sorted(times)
-    n = len(times_sorted)
-    med = times_sorted[n // 2] if n % 2 else 0.5 * (times_sorted[n // 2 - 1] + times_sorted[n // 2])
-    return med, times
 
 
 # -------------------------------------------------------------------------------------------- results

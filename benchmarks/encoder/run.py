@@ -163,15 +163,14 @@ def cmd_quality(args, data: Path, model) -> dict:
                 for s in sevs:
                     if s == 0:
                         continue
-                    t0 = time.perf_counter()
+                    sw = H.Stopwatch()
                     corrupted, p = simulate_volume(d, t, s, seed=1000 * k + int(100 * s), spacing=spacing,
                                                    match_ssim=definition == "matched")
                     r = _score_array(model, corrupted, a)
                     ssim = p["ssim"] if definition == "matched" else ssim_masked(d, corrupted, mask)  # same measure
                     rows.append({"severity_definition": definition, "volume": rel, "contrast": contrast,
                                  "artifact": t, "severity": s, "ssim": ssim, **r})
-                    log.info("%s %s %s %.1f -> %.3f (%.1fs)", definition, rel, t, s, r["score"],
-                             time.perf_counter() - t0)
+                    log.info("%s %s %s %.1f -> %.3f (%.1fs)", definition, rel, t, s, r["score"], sw.seconds)
     pd.DataFrame(rows).to_csv(Path(args.out) / "quality_rows.tsv", sep="\t", index=False, float_format="%.4f")
     res = {}
     for definition, key in (("mean", "quality"), ("matched", "quality_matched")):
@@ -459,9 +458,9 @@ def cmd_head(args, data: Path) -> dict:
     items = VAL._val_items(va, enc.slice_cfg, tuple(hp["val_severities"]), int(hp["seed"]), None)
     aug = {"contrast": hp["contrast_augment"], "mask": hp["mask_augment"], "resample": hp["resample_augment"]}
     pool = POOL._Pool(tr, train_cfg, args.entries, args.seed + 1, None, aug)
-    t0 = time.perf_counter()
+    sw = H.Stopwatch()
     pool.fill(args.entries)
-    log.info("%d corrupted training volumes in %.0f s", len(pool.entries), time.perf_counter() - t0)
+    log.info("%d corrupted training volumes in %.0f s", len(pool.entries), sw.seconds)
     res = VHEAD.fit_volume_head(enc, pool.entries, items, seed=args.seed)
     training = dict(info["training"], volume_head=res | {"base_model": str(src)})
     CKPT.save_model(enc, Path(args.out) / "model", enc.slice_cfg, {"model_id": info["model_id"], "training": training})
@@ -514,13 +513,13 @@ def main(argv=None) -> int:
         model = load_model(out / "model", device="cpu")
         steps = ["quality", "robust", "thick", "speed", "simcheck"] if args.step == "all" else [args.step]
         for st in steps:
-            t0 = time.perf_counter()
+            sw = H.Stopwatch()
             out_st = globals()[f"cmd_{st}"](args, data, model)
             if st == "quality":  # two keys: quality, quality_matched
                 res.update(out_st)
             else:
                 res[st] = out_st
-            log.info("%s done in %.0f s", st, time.perf_counter() - t0)
+            log.info("%s done in %.0f s", st, sw.seconds)
             H.write_json(res_path, res, indent=2)
     H.write_json(res_path, res, indent=2)
     write_md(out, res)
