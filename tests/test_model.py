@@ -561,6 +561,20 @@ def test_resample_augmentation_keeps_physical_extent():
     assert len(seen) >= 3
 
 
+def test_resample_augmentation_skips_thick_slice_volumes():
+    """A volume with 5 mm slices has no 1.0-1.7 mm grid at 0.65 x its voxel size: the resampling step is
+    skipped (it raised numpy's 'high - low < 0' and killed the training run), the other steps still run."""
+    from artifactqc.training.augment import _augment_volume
+    from artifactqc.training.volumes import _CleanVolume
+
+    data = io.normalize_intensity(_phantom((30, 32, 12)))
+    v = _CleanVolume("thick", data, (1.0, 1.0, 5.0))
+    for seed in range(6):
+        out, spacing, desc = _augment_volume(v, np.random.default_rng(seed), 1.0, 0.0, 1.0)
+        assert "resample" not in desc and desc != "none"
+        assert out.shape == data.shape and spacing == (1.0, 1.0, 5.0)
+
+
 def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):
     paths, _ = toy_cohort
     m = _train(tmp_path / "g", paths, epochs=1, batch_size=7, slice_group=2, val_volumes=[str(paths[0])])

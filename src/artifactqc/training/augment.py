@@ -83,7 +83,8 @@ def _augment_volume(v: _CleanVolume, rng: np.random.Generator, contrast: float, 
       (T1w <-> T2w-like);
     * resampling (prob ``resample``): trilinear resampling to a random isotropic grid of 1.0–1.7 mm (at least
       0.65 × the coarsest voxel size, so a 2 mm volume is *upsampled* to 1.3–1.7 mm), skipped when the new
-      grid is within 5 % of the old one. A resampled clean scan is clean: interpolation smoothing of a
+      grid is within 5 % of the old one, and for volumes coarser than 2.6 mm (thick slices, which have no
+      1.0–1.7 mm grid at 0.65 × their voxel size). A resampled clean scan is clean: interpolation smoothing of a
       clean volume (either direction) must not read as an artifact. (Session 2 resampled only volumes finer
       than 1.4 mm, never the 2 mm IXI majority, and the benchmark's 1.5 mm resampling raised clean scores of
       2 mm IXI volumes by 0.3–0.6.)
@@ -112,8 +113,9 @@ def _augment_volume(v: _CleanVolume, rng: np.random.Generator, contrast: float, 
             if rng.random() < 1 / 3:
                 data = np.where(fg, (1.5 - data) * 0.8, 0.0).astype(np.float32)
                 desc.append("invert")
-    if rng.random() < resample:
-        t = float(rng.uniform(max(1.0, 0.65 * max(spacing)), 1.7))
+    lowest = max(1.0, 0.65 * max(spacing))
+    if rng.random() < resample and lowest < 1.7:
+        t = float(rng.uniform(lowest, 1.7))
         if max(abs(t / s - 1.0) for s in spacing) > 0.05:
             zoom = [s / t for s in spacing]
             data = ndi.zoom(data, zoom, order=1, prefilter=False, grid_mode=False).astype(np.float32)
