@@ -101,8 +101,8 @@ PROXY_FOLDS = ("ixi", "clinical2d")
 #: see results.json ``train.stop_reason``); no early stopping (patience > epochs), the best validation epoch
 #: (EMA weights) is kept. The rest is the v9 recipe of benchmarks/encoder.
 BUDGETS = {
-    "proxy": {"epochs": 30, "steps_per_epoch": 40, "pool_refresh": 12, "max_minutes": 18.0, "eval_volumes": 3},
-    "full": {"epochs": 60, "steps_per_epoch": 50, "pool_refresh": 20, "max_minutes": 35.0, "eval_volumes": 6},
+    "proxy": {"epochs": 6, "steps_per_epoch": 25, "pool_refresh": 6, "max_minutes": 90.0, "eval_volumes": 3},
+    "full": {"epochs": 24, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0, "eval_volumes": 6},
 }
 V9_RECIPE = {"batch_size": 32, "lr": 2e-3, "pool_size": 300, "train_slices_per_axis": 12,
              "val_severities": (0.3, 0.6, 0.9)}

@@ -100,3 +100,42 @@ def test_scores_failures_identical_reruns_and_new_site(tmp_path, model_dir):
     old = cohort.set_index("volume_id")
     pd.testing.assert_frame_equal(old[SCORE_COLUMNS], grown.loc[old.index, SCORE_COLUMNS], check_exact=True)
     assert np.isfinite(grown.loc["D-0", "log_density"])
+
+
+def test_site_aware_score_at_the_gather(tmp_path, model_dir):
+    """score_site and a site flag rule: computed at the cohort gather from the frozen reference manifest; a
+    change of site_score or a new site reruns no other site's shards; the new site falls back to pooled."""
+    from artifactqc import sitescore
+
+    setup_cohort(tmp_path, model_dir, sites=("A", "B"), n=4)
+    cfg = yaml.safe_load((tmp_path / "test.yaml").read_text())
+    cfg["flags"] = {"rule": "score_or_site_or_tau5"}
+    cfg["site_score"] = {"min_reference": 4, "min_scale": 0.01}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(cfg))
+    run(tmp_path)
+    cohort = pd.read_parquet(tmp_path / "results/scores/cohort.parquet")
+    assert (cohort.score_site_basis == "site").all() and (cohort.score_site_n_ref == 4).all()
+    want = sitescore.site_scores(cohort, None, min_reference=4, min_scale=0.01)
+    np.testing.assert_allclose(cohort.score_site, want.score_site)
+    assert cohort.flagged.dtype == bool
+    assert (cohort.flagged == ((cohort.score > 1) | (cohort.score_site > 3) | cohort.flag_tau5)).all()
+    shard = pd.read_parquet(next((tmp_path / "results/scores/site=A").glob("part-*.parquet")))
+    assert shard.flagged.isna().all()  # a site rule is evaluated at the gather only
+
+    cfg["site_score"]["threshold"] = 1.5
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(cfg))
+    rows = [dict(volume_id=f"{s}-{i}", site=s, subject=f"{s}{i}", contrast="T1w", path=str(tmp_path / f"{s}{i}.nii.gz"))
+            for s in "AB" for i in range(4)]
+    p = make_volume(tmp_path / "D0.nii.gz", seed=77)
+    rows.append(dict(volume_id="D-0", site="D", subject="D0", contrast="T1w", path=str(p)))
+    write_sheet(tmp_path, rows)
+    jobs = planned_jobs(tmp_path, *config_args(tmp_path))
+    per_shard = {(rule, wc) for rule, wc in jobs if wc and rule != "compare_simulate"}
+    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard")}, jobs
+    run(tmp_path)
+    grown = pd.read_parquet(tmp_path / "results/scores/cohort.parquet").set_index("volume_id")
+    assert grown.loc["D-0", "score_site_basis"] == "pooled"  # not in the frozen manifest
+    old = cohort.set_index("volume_id")
+    np.testing.assert_allclose(grown.loc[old.index, "score_site"], old["score_site"])
+    g = grown.reset_index()
+    assert (g.flagged == ((g.score > 1) | (g.score_site > 1.5) | g.flag_tau5)).all()
