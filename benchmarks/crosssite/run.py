@@ -21,6 +21,7 @@ Steps (cached per fold under ``benchmarks/crosssite/cache/<fold>/``, gitignored,
 
     python benchmarks/crosssite/run.py fold ixi --budget proxy          # train (if needed) + evaluate one fold
     python benchmarks/crosssite/run.py folds                            # list folds and their volumes
+    python benchmarks/crosssite/run.py cache clinical2d --budget proxy  # only the evaluation cache of a fold
     python benchmarks/crosssite/run.py proxy                            # the two proxy folds, proxy budget
     python benchmarks/crosssite/run.py table --budget proxy             # results.md / results.json
 
@@ -481,7 +482,7 @@ def write_md(path: Path, res: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["fold", "proxy", "all", "table", "folds"])
+    ap.add_argument("step", choices=["fold", "cache", "proxy", "all", "table", "folds"])
     ap.add_argument("fold", nargs="?", choices=list(FOLDS))
     ap.add_argument("--data", default=None)
     ap.add_argument("--budget", choices=list(BUDGETS), default="full")
@@ -500,6 +501,10 @@ def main(argv=None) -> int:
             s = fold_split(data, f)
             print(f"{f}: held out {s['held_out_sites']} ({len(s['test'])} volumes, eval {len(s['eval'])}); "
                   f"train {len(s['train'])}, val {s['val']}")
+        return 0
+    if args.step == "cache":  # only the (model-independent) evaluation cache of a fold
+        n = BUDGETS[args.budget]["eval_volumes"]
+        build_eval_cache(data, args.fold, n, CACHE / args.fold / f"eval-{n}.npz")
         return 0
     if args.step == "fold":
         if not args.fold:
