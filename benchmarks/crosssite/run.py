@@ -210,7 +210,7 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
 
     from artifactqc import io
     from artifactqc.simulate import head_mask, simulate_volume, ssim_masked
-    from artifactqc.slices import SliceConfig, extract_from_array
+    from artifactqc.encoder.slices import SliceConfig, extract_from_array
 
     cfg = SliceConfig()
     split = fold_split(data, fold)
@@ -266,7 +266,7 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
 
 
 def score_cache(model, X: np.ndarray) -> list[dict]:
-    from artifactqc.score import predict_slices, volume_outputs
+    from artifactqc.encoder.score import predict_slices, volume_outputs
 
     return [volume_outputs(model, predict_slices(model, x.astype(np.float32))) for x in X]
 
@@ -327,7 +327,7 @@ def variant_dir(fold: str, budget: str, tag: str) -> Path:
 
 
 def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads: int, extra: dict) -> dict:
-    from artifactqc.model import train_encoder
+    from artifactqc.training.loop import train_encoder
 
     split = fold_split(data, fold)
     b = BUDGETS[budget]
@@ -348,7 +348,7 @@ def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads
 def cmd_fold(args, data: Path, fold: str) -> dict:
     import torch
 
-    from artifactqc.model import load_model
+    from artifactqc.encoder.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     b = BUDGETS[args.budget]

@@ -110,7 +110,7 @@ def score_cohort(data: Path, model_dir: Path, threads: int):
     import torch
 
     from artifactqc import io
-    from artifactqc.model import load_model
+    from artifactqc.encoder.checkpoint import load_model
     from artifactqc.simulate import simulate_volume
 
     torch.set_num_threads(threads)
@@ -133,10 +133,11 @@ def score_cohort(data: Path, model_dir: Path, threads: int):
 
 
 def evaluate(df) -> dict:
-    from artifactqc import density as D
     from artifactqc import sitescore as S
+    from artifactqc.density import flags as D
+    from artifactqc.density.fit import fit_flow_from_table
 
-    flow = D.fit_flow_from_table(df, seed=0, device="cpu")
+    flow = fit_flow_from_table(df, seed=0, device="cpu")
     scored = D.score_table(df, flow, taus=(5, 3), rule="score", score_threshold=SCORE_THRESHOLD)
     scored = S.add_site_scores(scored, reference="all", min_reference=SITE_MIN_REFERENCE, min_scale=SITE_MIN_SCALE)
     bad = (scored["artifact"] != "none").to_numpy()
