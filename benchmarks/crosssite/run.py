@@ -338,7 +338,8 @@ def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads
                       val_volumes=[str(data / f) for f in split["val"]], seed=seed, device="cpu", threads=threads,
                       model_id=f"crosssite-{fold}", **kw)
     info = {"seconds": time.perf_counter() - t0, "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),
-            "stop_reason": m.get("stop_reason"), "pool_made": (m.get("history") or [{}])[-1].get("pool_made"),
+            "stop_reason": m.get("stop_reason"), "pool_made": m.get("n_corrupted_volumes"),
+            "val_pearson_best": (m.get("final") or {}).get("val_pearson"),
             "arguments": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}, "seed": seed,
             "n_train": len(split["train"]), "val": split["val"]}
     (out / "train.json").write_text(json.dumps(info, indent=2))
@@ -371,7 +372,9 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
     res = fold_metrics(meta, rows)
     res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed,
             "held_out_sites": fold_split(data, fold)["held_out_sites"], "score_seconds": time.perf_counter() - t0,
-            "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else None}
+            "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}}
+    tr = json.loads((out / "model" / "model.json").read_text()).get("training", {})  # the model's own record
+    res["train"] |= {"pool_made": tr.get("n_corrupted_volumes"), "val_pearson_best": (tr.get("final") or {}).get("val_pearson")}
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
     log.info("fold %s: r %.3f (matched %.3f), AUROC %.3f, unseen %.3f, clean max %.2f", fold,
              res["quality_mean"]["pearson_overall"], res["quality_matched"]["pearson_overall"],
