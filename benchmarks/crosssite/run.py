@@ -428,6 +428,13 @@ def cmd_table(args) -> dict:
     return res
 
 
+def _sites(sites: list[str]) -> str:
+    """Held-out sites for display: the IXI subjects' groups collapsed into one site."""
+    ixi = [x for x in sites if x.startswith("IXI_")]
+    rest = [x for x in sites if not x.startswith("IXI_")]
+    return ", ".join(([f"IXI-Hammersmith ({len(ixi)} subjects)"] if ixi else []) + rest)
+
+
 def _f(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
 
@@ -440,7 +447,9 @@ def write_md(path: Path, res: dict) -> None:
          f"Recipe: v9 of benchmarks/encoder ({res['recipe']}); budget per fold: {b['epochs']} epochs x "
          f"{b['steps_per_epoch']} steps (batch 32), {b['pool_refresh']} new corrupted volumes per epoch, "
          f"safety cap {b['max_minutes']} min; {b['eval_volumes']} simulated evaluation volumes per fold. "
-         "One training run (seed 0) per fold. Reproduce: see README.md.", "",
+         "One training run (seed 0) per fold. Folds (held-out sites): " + "; ".join(
+             f"`{f}` {_sites(m['held_out_sites'])}" for f, m in F.items()) + ". Reproduce and fold definitions: "
+         "see README.md.", "",
          "| measure | target | " + " | ".join(H) + " | mean ± sd |", "|---|---|" + "---|" * len(H) + "---|"]
     for k in next(iter(H.values())):
         sd = S[k]["sd"]
@@ -455,7 +464,7 @@ def write_md(path: Path, res: dict) -> None:
           "not a seed noise estimate.", ""]
     for f, m in F.items():
         t = m.get("train") or {}
-        L += [f"## Fold `{f}`: held out {', '.join(m['held_out_sites'])}", "",
+        L += [f"## Fold `{f}`: held out {_sites(m['held_out_sites'])}", "",
               f"- training: {t.get('n_train')} volumes, validation {t.get('val')}; {(t.get('seconds') or 0) / 60:.1f} "
               f"min, best epoch {t.get('best_epoch')} of {t.get('epochs_run')} ({t.get('stop_reason')}), "
               f"{t.get('pool_made')} corrupted volumes",
