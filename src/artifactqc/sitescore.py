@@ -11,7 +11,7 @@ site; see :func:`site_scores`). A site with fewer than ``min_reference`` referen
 reference (every reference volume of the cohort) instead; ``score_site_basis`` says which (``site`` /
 ``pooled``). The raw ``score`` is kept: a site whose scans are *all* bad has an unremarkable ``score_site``
 (its own median is bad) and shows up only through the raw score, hence rules like ``score_or_site``
-(:func:`artifactqc.density.combine_flags`).
+(:func:`artifactqc.density.flags.combine_flags`).
 
 Computed at the cohort gather (a table operation over every site), so a new site's delivery scores only its
 own shards; the per-site statistics of the other sites do not depend on it (with the manifest reference, which
@@ -133,10 +133,6 @@ def add_site_scores(cohort, *, reference: str = "manifest", reference_ids: Itera
     if reference == "manifest" and reference_ids is None:
         raise ValueError("site_score.reference = manifest needs the reference manifest's volume ids")
     out = cohort.copy()
-    if not len(out):
-        for c in COLUMN_DOCS:
-            out[c] = pd_empty(c)
-        return out
     ss = site_scores(out, reference_ids if reference == "manifest" else None, min_reference=min_reference,
                      min_scale=min_scale)
     for c in ss.columns:
@@ -144,12 +140,6 @@ def add_site_scores(cohort, *, reference: str = "manifest", reference_ids: Itera
     if rule is not None and rule_uses_site(rule):
         out["flagged"] = combine_flags(out, rule, score_threshold=score_threshold, site_threshold=site_threshold)
     return out
-
-
-def pd_empty(column: str):
-    import pandas as pd
-
-    return pd.Series([], dtype=object if column == "score_site_basis" else float)
 
 
 def gather_options(config: dict, reference_manifest, *, rule: str, score_threshold: float) -> dict:
