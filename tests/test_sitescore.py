@@ -60,7 +60,7 @@ def test_reference_ids_restrict_the_statistics():
 
 
 def test_min_scale_floor_and_failed_rows():
-    df = pd.DataFrame({"volume_id": list("abcdef"), "site": "X", "score": [0.5, 0.5, 0.5, 0.5, 0.6, np.nan],
+    df = pd.DataFrame({"volume_id": list("abcdef"), "site": "X", "score": [0.5, 0.5, 0.5, 0.5, 0.6, 0.9],
                        "status": ["ok"] * 5 + ["failed"]})
     out = S.site_scores(df, None, min_reference=3, min_scale=0.1)
     assert out.score_site_scale.iloc[0] == pytest.approx(0.1)  # MAD is 0
