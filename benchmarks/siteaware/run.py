@@ -11,7 +11,7 @@ the five, SS U(0.5, 1), type-mean calibration):
 * ``C_clinical2d``: the 21 clinical 2D scans (Ljubljana, 3-4 mm slices) + 9 redraws (30 scans): clean scores
   well above the 3D sites'
 * ``D_mixed3d``: 12 3D volumes of 12 other sources: fewer than ``min_reference`` = 20, so the pooled basis
-* ``E_allbad``: 12 IXI-based scans, every one corrupted (SS U(0.5, 1)): must still be flagged, through the raw
+* ``E_allbad``: 24 IXI-based scans (its own basis), every one corrupted (SS U(0.5, 1)): must still be flagged, through the raw
   score (relative to itself the site looks normal)
 
 Every scan is scored with an encoder (``--model``), a density flow is fit on the latents of every scan (the
@@ -82,7 +82,7 @@ def cohort_plan(data: Path, seed: int = 0) -> list[dict]:
     site("B_noisyscanner", ixi, "noisy_soft", 30, 0.1)
     site("C_clinical2d", oms, "as_stored", 30, 0.1)
     site("D_mixed3d", OTHER_3D, "as_stored", 12, 0.1)
-    site("E_allbad", ixi, "bright", 12, 1.0)
+    site("E_allbad", ixi, "bright", 24, 1.0)
     return plan
 
 
