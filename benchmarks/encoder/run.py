@@ -33,8 +33,13 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent))  # benchmarks/_harness.py, benchmarks/encoder_eval.py
 import _harness as H  # noqa: E402
+from encoder_eval import HEAD_OF, TYPES, int16_x1000, quality_metrics  # noqa: E402  (shared with crosssite)
+from encoder_eval import canon_norm as _canon_norm  # noqa: E402
+from encoder_eval import reorient as _reorient  # noqa: E402
+from encoder_eval import resample as _resample  # noqa: E402
+from encoder_eval import score_array as _score_array  # noqa: E402
 
 log = logging.getLogger("bench.encoder")
 
@@ -82,8 +87,6 @@ SPEED_1MM = [
     "volumes/VolumeRenderingData/seg3D_MR.nii.gz",
     "volumes/niivue-images/chris_t1.nii.gz",
 ]
-TYPES = ("noise", "ghosting", "bias", "anisotropy", "motion")
-HEAD_OF = {"noise": "noise", "ghosting": "ghosting", "bias": "bias", "anisotropy": "resolution", "motion": "motion"}
 
 
 # The trainer's validation volumes (held out from training): the split seed 0 drew for v3/v4, fixed since session 4
@@ -117,26 +120,6 @@ def cmd_train(args, data: Path) -> dict:
         **(json.loads(args.train) if args.train else {}),
     )
     return metrics
-
-
-def _score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
-    from artifactqc.encoder.score import predict_volume
-    from artifactqc.encoder.slices import extract_from_array
-
-    s, info = extract_from_array(data, affine, model.slice_cfg)
-    return predict_volume(model, s)
-
-
-def _canon_norm(path: Path):
-    """Canonical volume scaled to ~[0, 1] for the simulator by a pure scale (``model.scale_for_simulation``),
-    so its clean slices are exactly those of the raw file. (Results before 2026-11-23 14:30 used
-    ``io.normalize_intensity`` here, whose offset+clip is not idempotent under the scorer's normalisation.)"""
-    from artifactqc import io
-    from artifactqc.encoder.slices import scale_for_simulation
-
-    v = io.load_volume(path)
-    d, a = io.to_canonical(v.data, v.affine)
-    return scale_for_simulation(d), a
 
 
 def cmd_quality(args, data: Path, model) -> dict:
@@ -179,69 +162,6 @@ def cmd_quality(args, data: Path, model) -> dict:
     return res
 
 
-def quality_metrics(rows: list[dict]) -> dict:
-    """The issue's quality numbers for one set of rows (clean rows have artifact "none")."""
-    from scipy.stats import pearsonr, spearmanr
-
-    ss = np.array([r["severity"] for r in rows])
-    sc = np.array([r["score"] for r in rows])
-    res = {"n": len(rows), "pearson_overall": float(pearsonr(ss, sc).statistic)}
-    # ceiling: an oracle that measures each row's masked SSIM loss against its clean volume
-    res["pearson_ss_vs_ssim_loss"] = float(pearsonr(ss, [1.0 - r["ssim"] for r in rows]).statistic)
-    per_type = {}
-    for t in TYPES:
-        m = np.array([r["artifact"] in (t, "none") for r in rows])
-        per_type[t] = float(spearmanr(ss[m], sc[m]).statistic)
-    res["spearman_by_type"] = per_type
-    per_contrast = {}
-    for c in sorted({r["contrast"] for r in rows}):
-        m = np.array([r["contrast"] == c for r in rows])
-        per_contrast[c] = float(pearsonr(ss[m], sc[m]).statistic)
-    res["pearson_by_contrast"] = per_contrast
-    hi = [r for r in rows if r["artifact"] != "none" and r["severity"] >= 0.5]
-    heads = ["noise", "ghosting", "motion", "bias", "resolution"]
-    correct = [heads[int(np.argmax([r[f"severity_{h}"] for h in heads]))] == HEAD_OF[r["artifact"]] for r in hi]
-    res["argmax_accuracy_ss_ge_0.5"] = float(np.mean(correct))
-    res["argmax_accuracy_by_type"] = {
-        t: float(np.mean([c for c, r in zip(correct, hi) if r["artifact"] == t])) for t in TYPES
-    }
-    res["clean_scores"] = {r["volume"]: r["score"] for r in rows if r["artifact"] == "none"}
-    res["score_at_0.5_by_type"] = {
-        t: float(np.mean([r["score"] for r in rows if r["artifact"] == t and abs(r["severity"] - 0.5) < 0.11]))
-        for t in TYPES
-    }
-    return res
-
-
-def _resample(data: np.ndarray, affine: np.ndarray, new_mm: float):
-    from scipy.ndimage import affine_transform
-
-    from artifactqc import io
-
-    old = io.voxel_sizes(affine)
-    shape = np.maximum(1, np.round(np.array(data.shape) * old / new_mm)).astype(int)
-    scale = new_mm / old
-    out = affine_transform(data, np.diag(scale), output_shape=tuple(shape), order=1, mode="nearest")
-    new_aff = affine.copy()
-    new_aff[:3, :3] = affine[:3, :3] @ np.diag(scale)
-    return out.astype(np.float32), new_aff
-
-
-def _reorient(data: np.ndarray, affine: np.ndarray):
-    """Permute axes (0,1,2)->(1,2,0) and flip the new first axis; affine updated consistently."""
-    perm = (1, 2, 0)
-    t = np.transpose(data, perm)
-    aff = affine.copy()
-    aff[:3, :3] = affine[:3, :3][:, list(perm)]
-    # flip stored axis 0
-    n = t.shape[0]
-    t = t[::-1]
-    flip = np.eye(4)
-    flip[0, 0] = -1
-    flip[0, 3] = n - 1
-    return np.ascontiguousarray(t), aff @ flip
-
-
 def cmd_robust(args, data: Path, model) -> dict:
     from artifactqc import io
 
@@ -250,7 +170,7 @@ def cmd_robust(args, data: Path, model) -> dict:
     for rel in vols:
         v = io.load_volume(data / rel)
         base = _score_array(model, v.data, v.affine)["score"]
-        scaled = np.round(v.data / max(float(v.data.max()), 1e-6) * 30.0 * 1000.0).astype(np.int16).astype(np.float32)
+        scaled = int16_x1000(v.data)
         s_int = _score_array(model, scaled, v.affine)["score"]
         rd, ra = _reorient(v.data, v.affine)
         s_re = _score_array(model, rd, ra)["score"]

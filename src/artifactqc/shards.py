@@ -23,6 +23,7 @@ from . import __version__
 from .cohort import COLUMN_DOCS as INGEST_DOCS
 from .cohort import failures_frame
 from .provenance import code_version
+from .sitescore import COLUMN_DOCS as SITE_DOCS
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ COLUMN_DOCS = {
     "density_pct": "percentile of log_density among the flow's reference volumes (0-100)",
     "density_pct_site": "percentile of log_density within the volume's own site (per-site calibration)",
     "pct_scope": "which reference density_pct_site used: 'site', or 'pooled' for sites with too few volumes",
-    "flagged": "the config rule flags.rule over score > flags.score_threshold and the tau flags",
+    "flagged": "the config rule flags.rule over score > flags.score_threshold, the tau flags and (rules with a "
+               "site term, set at the cohort gather; empty in the shards) score_site > site_score.threshold",
+    **SITE_DOCS,
     "input_sha256": "SHA-256 of the scored file (from ingest)",
     "model_id": "id of the encoder that produced score, severities and latents",
     "model_sha256": "SHA-256 of the encoder's safetensors file",
@@ -113,22 +116,38 @@ def score_shard(
 
 def add_density(rows: pd.DataFrame, flow_dir: str | Path, *, taus=(5, 3), rule: str, score_threshold: float,
                 config_sha256: str) -> pd.DataFrame:
-    """Log-density, reference percentile, τ flags and ``flagged``, then the provenance columns."""
+    """Log-density, reference percentile, τ flags and ``flagged``, then the provenance columns.
+
+    A rule with a ``site`` term needs every site's reference (:mod:`artifactqc.sitescore`): the shard's
+    ``flagged`` is then left empty (NA) and set by :func:`gather`."""
+    from .density.flags import rule_uses_site, score_table
     from .density.flow import load_flow
-    from .density.flags import score_table
 
     flow = load_flow(flow_dir)
-    out = score_table(rows, flow, taus=taus, rule=rule, score_threshold=score_threshold)
+    site_rule = rule_uses_site(rule)
+    out = score_table(rows, flow, taus=taus, rule="score" if site_rule else rule, score_threshold=score_threshold)
+    if site_rule:
+        out["flagged"] = pd.array([pd.NA] * len(out), dtype="boolean")
     out["config_sha256"] = config_sha256
     out["artifactqc_version"] = __version__
     out["code_version"] = code_version()
     return out
 
 
-def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference: int = 20) -> pd.DataFrame:
-    """The cohort table from shard tables; with ``per_site`` adds within-site percentiles."""
+def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference: int = 20, *,
+           site_score: dict | None = None) -> pd.DataFrame:
+    """The cohort table from shard tables; with ``per_site`` adds within-site percentiles.
+
+    ``site_score`` (keyword arguments of :func:`artifactqc.sitescore.add_site_scores`: ``reference``,
+    ``reference_ids``, ``min_reference``, ``min_scale``, ``rule``, ``score_threshold``, ``site_threshold``)
+    adds the site-aware score and, for rules with a ``site`` term, sets ``flagged``."""
     parts = [p for p in parts if len(p)]
     cohort = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMN_DOCS))
+    if site_score is not None and len(cohort):
+        from .sitescore import add_site_scores
+
+        cohort = add_site_scores(cohort, **site_score)
+        cohort["flagged"] = cohort["flagged"].astype(bool)
     if per_site and len(cohort):
         from .density.flags import site_percentiles
 

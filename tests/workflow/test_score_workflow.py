@@ -53,6 +53,18 @@ def run(workdir, *args):
     return run_snakemake(workdir, *config_args(workdir), *args)
 
 
+def add_site_d_only_its_shards_planned(workdir, rows, contrast):
+    """Add a one-volume site D to the sheet; assert that only D's shard jobs are planned; return the jobs."""
+    p = make_volume(workdir / "D0.nii.gz", seed=77)
+    rows.append(dict(volume_id="D-0", site="D", subject="D0", contrast=contrast, path=str(p)))
+    write_sheet(workdir, rows)
+    jobs = planned_jobs(workdir, *config_args(workdir))
+    # the MRIQC comparison is a report built on the cohort table, like the figures: it reruns per contrast
+    per_shard = {(rule, wc) for rule, wc in jobs if wc and rule != "compare_simulate"}
+    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard")}, jobs
+    return jobs
+
+
 def test_scores_failures_identical_reruns_and_new_site(tmp_path, model_dir):
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -84,13 +96,7 @@ def test_scores_failures_identical_reruns_and_new_site(tmp_path, model_dir):
     pd.testing.assert_frame_equal(cohort[SCORE_COLUMNS], again[SCORE_COLUMNS], check_exact=True)
 
     # a new site: only its ingest/score/density shards and the gathers run; no refit, no retrain
-    p = make_volume(first / "D0.nii.gz", seed=77)
-    rows.append(dict(volume_id="D-0", site="D", subject="D0", contrast="FLAIR", path=str(p)))
-    write_sheet(first, rows)
-    jobs = planned_jobs(first, *config_args(first))
-    # the MRIQC comparison is a report built on the cohort table, like the figures: it reruns per contrast
-    per_shard = {(rule, wc) for rule, wc in jobs if wc and rule != "compare_simulate"}
-    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard")}, jobs
+    jobs = add_site_d_only_its_shards_planned(first, rows, "FLAIR")
     rules = {rule for rule, _ in jobs}
     assert {"ingest", "cohort_scores"} <= rules  # the cohort gathers (and the report built on them) rerun
     assert not rules & {"fit_flow", "reference_manifest", "train_encoder", "select_training", "n4", "superres"}, rules
@@ -100,3 +106,35 @@ def test_scores_failures_identical_reruns_and_new_site(tmp_path, model_dir):
     old = cohort.set_index("volume_id")
     pd.testing.assert_frame_equal(old[SCORE_COLUMNS], grown.loc[old.index, SCORE_COLUMNS], check_exact=True)
     assert np.isfinite(grown.loc["D-0", "log_density"])
+
+
+def test_site_aware_score_at_the_gather(tmp_path, model_dir):
+    """score_site and a site flag rule: computed at the cohort gather from the frozen reference manifest; a
+    change of site_score or a new site reruns no other site's shards; the new site falls back to pooled."""
+    from artifactqc import sitescore
+
+    rows = setup_cohort(tmp_path, model_dir, sites=("A", "B"), n=4)
+    cfg = yaml.safe_load((tmp_path / "test.yaml").read_text())
+    cfg["flags"] = {"rule": "score_or_site_or_tau5"}
+    cfg["site_score"] = {"min_reference": 4, "min_scale": 0.01}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(cfg))
+    run(tmp_path)
+    cohort = pd.read_parquet(tmp_path / "results/scores/cohort.parquet")
+    assert (cohort.score_site_basis == "site").all() and (cohort.score_site_n_ref == 4).all()
+    want = sitescore.site_scores(cohort, None, min_reference=4, min_scale=0.01)
+    np.testing.assert_allclose(cohort.score_site, want.score_site)
+    assert cohort.flagged.dtype == bool
+    assert (cohort.flagged == ((cohort.score > 1) | (cohort.score_site > 3) | cohort.flag_tau5)).all()
+    shard = pd.read_parquet(next((tmp_path / "results/scores/site=A").glob("part-*.parquet")))
+    assert shard.flagged.isna().all()  # a site rule is evaluated at the gather only
+
+    cfg["site_score"]["threshold"] = 1.5
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(cfg))
+    add_site_d_only_its_shards_planned(tmp_path, rows, "T1w")
+    run(tmp_path)
+    grown = pd.read_parquet(tmp_path / "results/scores/cohort.parquet").set_index("volume_id")
+    assert grown.loc["D-0", "score_site_basis"] == "pooled"  # not in the frozen manifest
+    old = cohort.set_index("volume_id")
+    np.testing.assert_allclose(grown.loc[old.index, "score_site"], old["score_site"])
+    g = grown.reset_index()
+    assert (g.flagged == ((g.score > 1) | (g.score_site > 1.5) | g.flag_tau5)).all()

@@ -88,10 +88,16 @@ rule density_shard:
         "../scripts/density_shard.py"
 
 
+# The site-aware score (score_site: robust z within the site's reference volumes, pooled for sites
+# with fewer than site_score.min_reference) is computed here, not per shard: it needs every shard of
+# a site, and a table operation at the gather lets a new site's delivery run only its own shards
+# (the other sites' score_site statistics come from the frozen reference manifest, so they do not
+# move). Changing site_score.* reruns only this rule.
 rule cohort_scores:
     input:
         parts=shard_files(rules.density_shard.output[0]),
         failures=shard_files(rules.score_shard.output.failures),
+        reference=ancient(expand(rules.reference_manifest.output[0], flow_id=config["flow"]["id"])),
     output:
         parquet="results/scores/cohort.parquet",
         tsv="results/scores/cohort.tsv",
@@ -99,6 +105,9 @@ rule cohort_scores:
     params:
         per_site=config["flow"]["per_site"],
         min_site_reference=config["flow"]["min_site_reference"],
+        site_score=config["site_score"],
+        rule=config["flags"]["rule"],
+        score_threshold=config["flags"]["score_threshold"],
     log:
         "logs/score/cohort.log",
     resources:

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from artifactqc import runlog, shards
+from artifactqc import runlog, shards, sitescore
 from artifactqc.cohort import COLUMN_DOCS as INGEST_DOCS
 from artifactqc.provenance import write_parquet
 
@@ -11,6 +11,12 @@ cohort = shards.gather(
     [pd.read_parquet(p) for p in snakemake.input.parts],
     per_site=snakemake.params.per_site,
     min_site_reference=snakemake.params.min_site_reference,
+    site_score=sitescore.gather_options(
+        snakemake.params.site_score,
+        snakemake.input.reference[0],
+        rule=snakemake.params.rule,
+        score_threshold=snakemake.params.score_threshold,
+    ),
 )
 fails = pd.concat([pd.read_parquet(p) for p in snakemake.input.failures], ignore_index=True)
 write_parquet(cohort, snakemake.output.parquet, shards.COLUMN_DOCS)

@@ -75,48 +75,69 @@ def site_percentiles(
     return pd.DataFrame({"density_pct_site": pct, "pct_scope": scope}, index=df.index)
 
 
-_RULE_RE = re.compile(r"^(score|tau(\d+(?:\.\d+)?)|score_(or|and)_tau(\d+(?:\.\d+)?))$")
-#: The rule strings documented for config key ``flag_rule`` (any τ in the config works in place of 5/3).
+_TERM_RE = re.compile(r"^(score|site|tau(\d+(?:\.\d+)?))$")
+#: The rule strings documented for config key ``flags.rule`` (any τ in the config works in place of 5/3).
 FLAG_RULES = ("score", "tau5", "tau3", "score_or_tau5", "score_and_tau5", "score_or_tau3", "score_and_tau3")
+#: Rules over the site-aware score (``score_site > site_threshold``, :mod:`artifactqc.sitescore`); they are
+#: evaluated at the cohort gather, where every site's reference is known.
+SITE_FLAG_RULES = ("site", "score_or_site", "site_or_tau5", "score_or_site_or_tau5", "site_and_tau5")
 DEFAULT_FLAG_RULE = "score_or_tau5"
 
 
-def combine_flags(df, rule: str = DEFAULT_FLAG_RULE, score_threshold: float = 1.0, score_col: str = "score"):
-    """The ``flagged`` column from a rule over ``score > score_threshold`` and the τ flags.
+def parse_flag_rule(rule: str) -> tuple[str, list[str]]:
+    """``(operator, terms)`` of a flag rule: terms ``score``, ``site`` or ``tau<τ>`` joined by one operator,
+    ``_or_`` or ``_and_`` (not mixed), each term at most once; a single term has operator ``"or"``."""
+    r = str(rule)
+    ops = [o for o in ("or", "and") if f"_{o}_" in r]
+    terms = r.split(f"_{ops[0]}_") if len(ops) == 1 else [r]
+    if len(ops) > 1 or not all(_TERM_RE.match(t) for t in terms) or len(set(terms)) != len(terms):
+        raise ValueError(
+            f"unknown flag rule {rule!r}; allowed: {', '.join(FLAG_RULES + SITE_FLAG_RULES)} "
+            "(terms score, site, tau<τ> for any τ in the config, joined by _or_ or by _and_)"
+        )
+    return (ops[0] if ops else "or"), terms
 
-    Rules: ``"score"`` (score above the review threshold), ``"tau<τ>"`` (density below the τ-th
-    reference percentile: column ``flag_tau<τ>``), ``"score_or_tau<τ>"`` (either; the default
-    ``"score_or_tau5"``) and ``"score_and_tau<τ>"`` (both). A missing score (failed volume) or missing τ
-    flag counts as not raised, so failed rows get ``False``; tell them apart with ``status``.
-    Returns a bool ``pandas.Series`` indexed like ``df``.
+
+def rule_uses_site(rule: str) -> bool:
+    """Whether a flag rule needs the site-aware score (a ``site`` term)."""
+    return "site" in parse_flag_rule(rule)[1]
+
+
+def combine_flags(df, rule: str = DEFAULT_FLAG_RULE, score_threshold: float = 1.0, score_col: str = "score",
+                  site_threshold: float = 3.0):
+    """The ``flagged`` column from a rule over ``score > score_threshold``, the τ flags and the site-aware score.
+
+    Terms: ``score`` (score above the review threshold), ``tau<τ>`` (density below the τ-th reference
+    percentile: column ``flag_tau<τ>``) and ``site`` (``score_site > site_threshold``: the score is that many
+    robust sds above its site's reference median, :mod:`artifactqc.sitescore`), joined by ``_or_`` or by
+    ``_and_``: e.g. ``"score_or_tau5"`` (the default), ``"score_and_tau5"``, ``"score_or_site"`` (raw score
+    or unusual for its site: a site whose scans are all bad still shows up through the raw score),
+    ``"score_or_site_or_tau5"``. A missing score, site score or τ flag counts as not raised, so failed rows
+    get ``False``; tell them apart with ``status``. Returns a bool ``pandas.Series`` indexed like ``df``.
     """
     import pandas as pd
 
-    m = _RULE_RE.match(str(rule))
-    if not m:
-        raise ValueError(
-            f"unknown flag rule {rule!r}; allowed: {', '.join(FLAG_RULES)} "
-            "(or tau<τ>/score_or_tau<τ>/score_and_tau<τ> for any τ in the config)"
-        )
+    op, terms = parse_flag_rule(rule)
 
-    def score_flag():
-        s = pd.to_numeric(df[score_col], errors="coerce").to_numpy(dtype=np.float64)
-        return np.nan_to_num(s, nan=-np.inf) > score_threshold
+    def above(col: str, thr: float):
+        if col not in df.columns:
+            raise ValueError(f"flag rule {rule!r} needs column {col!r} (the site-aware score is added at the "
+                             "cohort gather)" if col == "score_site" else f"flag rule {rule!r} needs column {col!r}")
+        s = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+        return np.nan_to_num(s, nan=-np.inf) > thr
 
-    def tau_flag(t: str):
-        col = tau_column(float(t))
+    def term(t: str):
+        if t == "score":
+            return above(score_col, score_threshold)
+        if t == "site":
+            return above("score_site", site_threshold)
+        col = tau_column(float(t[3:]))
         if col not in df.columns:
             raise ValueError(f"flag rule {rule!r} needs column {col!r}; present: {[c for c in df.columns if c.startswith('flag_tau')]}")
         return df[col].fillna(False).to_numpy(dtype=bool)
 
-    if m.group(1) == "score":
-        out = score_flag()
-    elif m.group(2) is not None:
-        out = tau_flag(m.group(2))
-    elif m.group(3) == "or":
-        out = score_flag() | tau_flag(m.group(4))
-    else:
-        out = score_flag() & tau_flag(m.group(4))
+    vals = [term(t) for t in terms]
+    out = np.logical_or.reduce(vals) if op == "or" else np.logical_and.reduce(vals)
     return pd.Series(out, index=df.index, name="flagged", dtype=bool)
 
 

@@ -1,0 +1,529 @@
+"""Leave-site-out benchmark of the artifact encoder (issue 16): the headline quality benchmark.
+
+The usable real volumes of ``../shared/data`` are grouped by site/source (MANIFEST ``group``; the templates
+are not a site and always train). Each fold trains on every other site and evaluates on whole held-out sites.
+Per fold, on the fold's evaluation volumes (whole held-out sites):
+
+* the five simulated types at SS 0.25/0.5/0.75/1 with both severity definitions (type-mean calibration =
+  ``simulate_volume`` default, and per-sample SSIM-matched, ``match_ssim=True``): Pearson r(SS, score),
+  Spearman per type, argmax of the heads (SS >= 0.5), AUROC (SS >= 0.5 vs the clean held-out volumes);
+* four artifact kinds the trainer never simulates (implemented here, kept out of training): intensity
+  clipping/saturation, a k-space spike (herringbone stripes), a signal-dropout slab, wrap-around (aliasing),
+  each mild and strong: AUROC vs clean, per kind and together; each row's masked SSIM is recorded;
+* benign changes: resampling to 1.5 mm, int16 x1000 rescale, reorientation, re-save through NIfTI: |change of
+  the clean score| in absolute terms, x the clean-score sd and x the clean-score range of the held-out sites;
+* the clean-score distribution of *every* volume of the held-out sites (3D; for thick-slice 2D scans also the
+  largest non-resolution head).
+
+Then ``table`` writes mean +- sd over folds (the sd is the fold-to-fold spread) into results.md/results.json.
+
+Steps (cached per fold under ``benchmarks/crosssite/cache/<fold>/``, gitignored, so the benchmark runs in pieces):
+
+    python benchmarks/crosssite/run.py fold ixi --budget proxy          # train (if needed) + evaluate one fold
+    python benchmarks/crosssite/run.py folds                            # list folds and their volumes
+    python benchmarks/crosssite/run.py cache clinical2d --budget proxy  # only the evaluation cache of a fold
+    python benchmarks/crosssite/run.py proxy                            # the two proxy folds, proxy budget
+    python benchmarks/crosssite/run.py table --budget proxy             # results.md / results.json
+
+``--tag NAME`` keeps a variant's models and metrics apart (``cache/<fold>/<budget>-<tag>/``); ``--train JSON``
+passes further ``train_encoder`` arguments (the idea under test). The simulated evaluation slices do not
+depend on the model and are cached once per fold and budget (``cache/<fold>/eval-<n>.npz``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # benchmarks/_harness.py, benchmarks/encoder_eval.py
+import _harness as H  # noqa: E402
+from encoder_eval import (  # noqa: E402  (shared with benchmarks/encoder)
+    HEAD_OF, HEADS, TYPES, auroc, canon_norm, int16_x1000, quality_metrics, reorient, resample,
+)
+
+log = logging.getLogger("bench.crosssite")
+CACHE = HERE / "cache"
+
+# ---------------------------------------------------------------------------------------- the data
+#: not usable for this benchmark (reason): duplicates, crops, EPI, non-brain
+EXCLUDE = {
+    "templates/mricron_ch2better.nii.gz": "ch2's subject again (0.5 mm)",
+    "templates/niivue-images_spm152.nii.gz": "another MNI average",
+    "volumes/dcm_qa_canon_61/3000_DTI_PA-ortho_cl_b0.nii.gz": "3 mm b0 EPI",
+    "volumes/dipy/aniso_vox.nii.gz": "4x4x5 mm b0 EPI",
+    "volumes/nibabel/anatomical.nii.gz": "a 33x41x25 crop at 2 mm",
+}
+#: held-out sites per fold (MANIFEST ``group`` values; ``IXI_*`` = every IXI-Hammersmith subject)
+FOLDS = {
+    "ixi": ["IXI_*"],
+    "clinical2d": ["open_ms_data"],
+    "t2flair3d": ["CSTAR_stroke_patient", "T2lesion", "py_synthsr", "coreg_qa"],
+    "newscanners": ["dcm_qa_xa30", "dcm_qa_uih", "chris_rorden", "Seg3D_MR", "register_T1_head", "register_T2w",
+                    "dcm_qa_decubitus_subj1"],
+}
+#: the evaluation volumes of each fold (all from its held-out sites; the proxy uses the first three). The
+#: clean-score distribution uses every volume of the held-out sites.
+EVAL = {
+    "ixi": ["volumes/NiChart_IXI/IXI296-HH-1970_T1.nii.gz", "volumes/NiChart_IXI/IXI316-HH-1862_T1.nii.gz",
+            "volumes/NiChart_IXI/IXI329-HH-1908_T1.nii.gz", "volumes/NiChart_IXI/IXI334-HH-1907_T1.nii.gz",
+            "volumes/NiChart/IXI012-HH-1211_T1.nii.gz", "volumes/NiChart_IXI/IXI132-HH-1415_T1.nii.gz"],
+    "clinical2d": ["volumes/open_ms_data/oms_long_patient01_study1_T1W.nii.gz",
+                   "volumes/open_ms_data/oms_long_patient03_study1_FLAIR.nii.gz",
+                   "volumes/open_ms_data/oms_long_patient04_study1_T2W.nii.gz",
+                   "volumes/open_ms_data/oms_long_patient12_study1_FLAIR.nii.gz",
+                   "volumes/open_ms_data/oms_long_patient12_study2_T1W.nii.gz",
+                   "volumes/open_ms_data/oms_long_patient01_study1_T2W.nii.gz"],
+    "t2flair3d": ["volumes/VolumeRenderingData/stroke_T1.nii.gz", "volumes/VolumeRenderingData/stroke_T2.nii.gz",
+                  "volumes/VolumeRenderingData/stroke_FLAIR.nii.gz", "volumes/py_synthsr/synthsr_example_FLAIR.nii.gz",
+                  "volumes/T2lesion/arc_M2265_T2w.nii.gz", "volumes/coreg_qa/coreg_qa_highres_brain.nii.gz"],
+    "newscanners": ["volumes/dcm_qa_xa30/xa30_s5_anat-T1w_acq-tfl.nii.gz", "volumes/niivue-images/chris_t1.nii.gz",
+                    "volumes/VolumeRenderingData/seg3D_MR.nii.gz",
+                    "volumes/niivue-demo-images/register_T1_head_ext2.nii.gz",
+                    "volumes/dcm_qa_decubitus/HFP/t1_fl2d_sag_2.nii.gz", "volumes/dcm_qa_uih/uih_t1_gre_fsp_3d_sag_132750.nii.gz"],
+}
+#: the trainer's validation volumes per fold (whole volumes of training sites; fixed so --seed varies only
+#: initialisation and pool draws). v9's set where IXI trains.
+V9_VALIDATION = ["templates/spm12_avg152T1.nii.gz", "volumes/NiChart_IXI/IXI174-HH-1571_T1.nii.gz",
+                 "volumes/NiChart_IXI/IXI239-HH-2296_T1.nii.gz", "volumes/NiChart_IXI/IXI252-HH-1693_T1.nii.gz"]
+VALIDATION = {
+    "ixi": ["templates/spm12_avg152T1.nii.gz", "templates/spm12_single_subj_T1.nii.gz",
+            "volumes/dcm_qa_xa30/xa30_s6_anat-T1w_acq-tfl.nii.gz", "volumes/coreg_qa/coreg_qa_highres_brain.nii.gz"],
+}
+PROXY_FOLDS = ("ixi", "clinical2d")
+#: training budgets: a fixed number of optimiser steps and of new corrupted volumes per epoch (deterministic
+#: for a seed: ``pool_refresh``); ``max_minutes`` is only a safety cap (it never bound in the committed runs,
+#: see results.json ``train.stop_reason``); no early stopping (patience > epochs), the best validation epoch
+#: (EMA weights) is kept. The rest is the v9 recipe of benchmarks/encoder.
+BUDGETS = {
+    "proxy": {"epochs": 6, "steps_per_epoch": 25, "pool_refresh": 6, "max_minutes": 90.0, "eval_volumes": 3},
+    "full": {"epochs": 24, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0, "eval_volumes": 6},
+}
+V9_RECIPE = {"batch_size": 32, "lr": 2e-3, "pool_size": 300, "train_slices_per_axis": 12,
+             "val_severities": (0.3, 0.6, 0.9)}
+SEVERITIES = (0.25, 0.5, 0.75, 1.0)
+UNSEEN = ("clipping", "spike", "dropout", "wrap")
+UNSEEN_LEVELS = {"mild": 0.5, "strong": 1.0}
+BENIGN = ("resampled_1.5mm", "int16_x1000", "reoriented", "resaved")
+
+
+
+def inventory(data: Path):
+    """The usable volumes: ``file, contrast, site, thick`` (site = MANIFEST group, ``templates`` for templates;
+    thick = largest/smallest voxel size >= 1.9, i.e. a thick-slice 2D acquisition)."""
+    import pandas as pd
+
+    m = pd.read_csv(data / "MANIFEST.tsv", sep="\t", dtype=str).fillna("")
+    m = m[(m.kind == "TEMPLATE") | m.kind.str.startswith("real_brain")]
+    m = m[~m.file.isin(EXCLUDE)].copy()
+    m["site"] = np.where(m.kind == "TEMPLATE", "templates", m.group)
+    vox = m.voxel_mm.str.split("x").apply(lambda v: [float(x) for x in v])
+    m["thick"] = vox.apply(lambda v: max(v) / min(v) >= 1.9)
+    return m[["file", "contrast", "site", "thick"]].reset_index(drop=True)
+
+
+def held_out(site: str, fold: str) -> bool:
+    return any(site == g or (g.endswith("*") and site.startswith(g[:-1])) for g in FOLDS[fold])
+
+
+def fold_split(data: Path, fold: str) -> dict:
+    """``train`` (3D volumes of the other sites and the templates, minus ``val``), ``val``, ``test`` (every
+    volume of the held-out sites), ``eval`` (the simulated subset)."""
+    inv = inventory(data)
+    ho = inv.site.apply(lambda s: held_out(s, fold))
+    val = VALIDATION.get(fold, V9_VALIDATION)
+    train = inv[~ho & ~inv.thick & ~inv.file.isin(val)].file.tolist()
+    test = inv[ho]
+    assert not set(val) & set(test.file), f"{fold}: validation volume in the held-out sites"
+    assert set(EVAL[fold]) <= set(test.file), f"{fold}: evaluation volume outside the held-out sites"
+    return {"train": train, "val": val, "test": test.to_dict("records"), "eval": EVAL[fold],
+            "held_out_sites": sorted(test.site.unique()), "excluded_thick_from_training":
+            inv[~ho & inv.thick].file.tolist()}
+
+
+# ------------------------------------------------------------------------ unseen artifact kinds
+def unseen_artifact(d: np.ndarray, kind: str, level: float, seed: int) -> tuple[np.ndarray, dict]:
+    """Artifact kinds the trainer never simulates, on a ~[0, 1] volume; ``level`` in (0, 1]."""
+    from artifactqc.simulate import head_mask
+
+    rng = np.random.default_rng(seed)
+    mask = head_mask(d)
+    out = d.astype(np.float32).copy()
+    if kind == "clipping":  # saturation: intensities above a head percentile are clipped flat
+        q = 95.0 - 35.0 * level  # mild: 77.5th, strong: 60th percentile of the head
+        c = float(np.percentile(d[mask], q))
+        out = np.minimum(out, c)
+        return out, {"clip_percentile": q}
+    if kind == "spike":  # one bad k-space sample: stripes across the whole field of view (herringbone)
+        f = np.fft.fftn(out)
+        idx = tuple(int(rng.integers(n // 8, n // 3)) * int(rng.choice([-1, 1])) for n in out.shape)
+        amp = (0.25 + 0.75 * level) * abs(f[0, 0, 0])
+        f[idx] += amp * np.exp(1j * rng.uniform(0, 2 * np.pi))
+        return np.abs(np.fft.ifftn(f)).astype(np.float32), {"k_index": idx, "amplitude_rel_dc": amp / abs(f[0, 0, 0])}
+    if kind == "dropout":  # a slab of slices with lost signal (coil element / RF failure)
+        ax = int(rng.integers(3))
+        nz = np.nonzero(mask.any(axis=tuple(i for i in range(3) if i != ax)))[0]
+        lo, hi = (int(nz.min()), int(nz.max())) if nz.size else (0, out.shape[ax] - 1)
+        width = max(1, int(round((0.08 + 0.12 * level) * (hi - lo + 1))))
+        start = int(rng.integers(lo + (hi - lo) // 4, max(lo + (hi - lo) // 4 + 1, hi - (hi - lo) // 4 - width)))
+        sl = [slice(None)] * 3
+        sl[ax] = slice(start, start + width)
+        out[tuple(sl)] *= 1.0 - 0.85 * level
+        return out, {"axis": ax, "start": start, "width": width, "attenuation": 0.85 * level}
+    if kind == "wrap":  # field of view smaller than the head along one axis: the outside folds over
+        ax = int(rng.integers(3))
+        nz = np.nonzero(mask.any(axis=tuple(i for i in range(3) if i != ax)))[0]
+        lo, hi = (int(nz.min()), int(nz.max())) if nz.size else (0, out.shape[ax] - 1)
+        cut = max(1, int(round((0.06 + 0.10 * level) * (hi - lo + 1))))
+        fov_lo, fov_hi = lo + cut, hi + 1 - cut  # FOV [fov_lo, fov_hi)
+        L = fov_hi - fov_lo
+        o = np.moveaxis(out, ax, 0)
+        inside = o[fov_lo:fov_hi].copy()
+        below = o[:fov_lo][-L:]
+        above = o[fov_hi:][:L]
+        inside[L - len(below):] += below  # the part below the FOV appears at its far end
+        inside[: len(above)] += above  # the part above appears at its near end
+        new = np.zeros_like(o)
+        new[fov_lo:fov_hi] = inside
+        return np.ascontiguousarray(np.moveaxis(new, 0, ax)), {"axis": ax, "cut_voxels_each_side": cut}
+    raise ValueError(f"unknown unseen artifact kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------- evaluation cache
+def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
+    """Slices of every evaluation row of a fold (model-independent): clean held-out volumes, the five types
+    at both severity definitions, the unseen kinds and the benign changes; float16 slices + row metadata."""
+    import nibabel as nib
+    import tempfile
+
+    from artifactqc import io
+    from artifactqc.simulate import head_mask, simulate_volume, ssim_masked
+    from artifactqc.encoder.slices import SliceConfig, extract_from_array
+
+    cfg = SliceConfig()
+    split = fold_split(data, fold)
+    X, meta = [], []
+
+    def add(s, **m):
+        X.append(s.astype(np.float16))
+        meta.append(m)
+
+    t0 = time.perf_counter()
+    for rec in split["test"]:  # clean distribution: every held-out volume, as stored
+        v = io.load_volume(data / rec["file"])
+        s, _ = extract_from_array(v.data, v.affine, cfg)
+        add(s, volume=rec["file"], contrast=rec["contrast"], site=rec["site"], thick=bool(rec["thick"]),
+            kind="clean", artifact="none", severity=0.0, definition="", ssim=1.0)
+    info = {r["file"]: r for r in split["test"]}
+    for k, rel in enumerate(split["eval"][:n_eval]):
+        rec = info[rel]
+        base = dict(volume=rel, contrast=rec["contrast"], site=rec["site"], thick=bool(rec["thick"]))
+        d, a = canon_norm(data / rel)
+        spacing = tuple(float(z) for z in io.voxel_sizes(a))
+        mask = head_mask(d)
+        for definition in ("mean", "matched"):
+            for t in TYPES:
+                for sv in SEVERITIES:
+                    c, p = simulate_volume(d, t, sv, seed=1000 * k + int(100 * sv), spacing=spacing,
+                                           match_ssim=definition == "matched")
+                    ssim = p["ssim"] if definition == "matched" else ssim_masked(d, c, mask)
+                    add(extract_from_array(c, a, cfg)[0], **base, kind="simulated", artifact=t, severity=sv,
+                        definition=definition, ssim=float(ssim))
+            log.info("%s %s: %s simulated (%.0f s)", fold, rel, definition, time.perf_counter() - t0)
+        for j, kind in enumerate(UNSEEN):
+            for lev_name, lev in UNSEEN_LEVELS.items():
+                c, p = unseen_artifact(d, kind, lev, seed=7000 + 100 * k + 10 * j)
+                add(extract_from_array(c, a, cfg)[0], **base, kind="unseen", artifact=kind, severity=lev,
+                    definition=lev_name, ssim=float(ssim_masked(d, c, mask)))
+        v = io.load_volume(data / rel)  # benign changes of the file as stored
+        add(extract_from_array(v.data, v.affine, cfg)[0], **base, kind="benign_base", artifact="none",
+            severity=0.0, definition="", ssim=1.0)
+        changed = {"resampled_1.5mm": resample(v.data, v.affine, 1.5), "int16_x1000": (int16_x1000(v.data), v.affine),
+                   "reoriented": reorient(v.data, v.affine)}
+        with tempfile.TemporaryDirectory() as tmp:  # re-save: float32 NIfTI-1 written by nibabel, read back
+            f = Path(tmp) / "resaved.nii"
+            nib.save(nib.Nifti1Image(np.asarray(v.data, np.float32), v.affine), str(f))
+            r = io.load_volume(f)
+            changed["resaved"] = (r.data, r.affine)
+        for name, (cd, ca) in changed.items():
+            add(extract_from_array(cd, ca, cfg)[0], **base, kind="benign", artifact=name, severity=0.0,
+                definition="", ssim=float("nan"))
+        log.info("%s %s done (%.0f s)", fold, rel, time.perf_counter() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, X=np.stack(X), meta=np.array([json.dumps(m) for m in meta]))
+
+
+def score_cache(model, X: np.ndarray) -> list[dict]:
+    from artifactqc.encoder.score import predict_slices, volume_outputs
+
+    return [volume_outputs(model, predict_slices(model, x.astype(np.float32))) for x in X]
+
+
+def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
+    """Every number of one fold from the scored cache rows."""
+    R = [m | {k: v for k, v in r.items() if k == "score" or k.startswith("severity_")} for m, r in zip(meta, rows)]
+    clean_all = [r for r in R if r["kind"] == "clean"]
+    eval_vols = sorted({r["volume"] for r in R if r["kind"] == "simulated"})
+    clean_eval = [r for r in clean_all if r["volume"] in eval_vols]
+    neg = [r["score"] for r in clean_all]
+    res: dict = {"eval_volumes": eval_vols, "n_clean": len(clean_all)}
+    for definition in ("mean", "matched"):
+        sim = [r for r in R if r["kind"] == "simulated" and r["definition"] == definition]
+        q = quality_metrics(clean_eval + sim)
+        q.pop("clean_scores")
+        pos = [r["score"] for r in sim if r["severity"] >= 0.5]
+        q["auroc_ss_ge_0.5_vs_clean"] = auroc(pos, neg)
+        q["auroc_by_type"] = {t: auroc([r["score"] for r in sim if r["artifact"] == t and r["severity"] >= 0.5], neg)
+                              for t in TYPES}
+        res[f"quality_{definition}"] = q
+    un = [r for r in R if r["kind"] == "unseen"]
+    res["unseen"] = {"auroc_all_vs_clean": auroc([r["score"] for r in un], neg),
+                     "auroc_by_kind": {k: auroc([r["score"] for r in un if r["artifact"] == k], neg) for k in UNSEEN},
+                     "mean_score_by_kind": {k: float(np.mean([r["score"] for r in un if r["artifact"] == k]))
+                                            for k in UNSEEN},
+                     "mean_ssim_by_kind": {k: float(np.mean([r["ssim"] for r in un if r["artifact"] == k]))
+                                           for k in UNSEEN},
+                     "argmax_by_kind": {k: dict(zip(*np.unique([HEADS[int(np.argmax([r[f"severity_{h}"] for h in HEADS]))]
+                                                                 for r in un if r["artifact"] == k],
+                                                                return_counts=True))) for k in UNSEEN}}
+    res["unseen"]["argmax_by_kind"] = {k: {h: int(n) for h, n in v.items()} for k, v in res["unseen"]["argmax_by_kind"].items()}
+    cs = np.array(neg)
+    nonres = [max(r[f"severity_{h}"] for h in HEADS if h != "resolution") for r in clean_all]
+    res["clean"] = {
+        "median": float(np.median(cs)), "max": float(cs.max()), "sd": float(cs.std(ddof=1)) if len(cs) > 1 else 0.0,
+        "range": float(cs.max() - cs.min()), "fraction_below_0.5": float(np.mean(cs < 0.5)),
+        "fraction_below_0.5_3d": float(np.mean([r["score"] < 0.5 for r in clean_all if not r["thick"]]))
+        if any(not r["thick"] for r in clean_all) else None,
+        "fraction_2d_nonresolution_heads_below_0.5": float(np.mean([x < 0.5 for x, r in zip(nonres, clean_all) if r["thick"]]))
+        if any(r["thick"] for r in clean_all) else None,
+        "scores": {r["volume"]: round(float(r["score"]), 4) for r in clean_all},
+    }
+    base = {r["volume"]: r["score"] for r in R if r["kind"] == "benign_base"}
+    sd, rng = max(res["clean"]["sd"], 1e-6), max(res["clean"]["range"], 1e-6)
+    ben = {}
+    for b in BENIGN:
+        d = np.array([abs(r["score"] - base[r["volume"]]) for r in R if r["kind"] == "benign" and r["artifact"] == b])
+        ben[b] = {"mean_abs": float(d.mean()), "max_abs": float(d.max()), "mean_x_sd": float(d.mean() / sd),
+                  "max_x_sd": float(d.max() / sd), "max_x_range": float(d.max() / rng)}
+    res["benign"] = ben
+    return res
+
+
+# ----------------------------------------------------------------------------------------- steps
+def variant_dir(fold: str, budget: str, tag: str) -> Path:
+    return CACHE / fold / (budget if tag == "baseline" else f"{budget}-{tag}")
+
+
+def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads: int, extra: dict) -> dict:
+    from artifactqc.training.loop import train_encoder
+
+    split = fold_split(data, fold)
+    b = BUDGETS[budget]
+    kw = dict(V9_RECIPE, epochs=b["epochs"], steps_per_epoch=b["steps_per_epoch"], pool_refresh=b["pool_refresh"],
+              max_minutes=b["max_minutes"], patience=10**6) | extra
+    t0 = time.perf_counter()
+    m = train_encoder([str(data / f) for f in split["train"]], out / "model",
+                      val_volumes=[str(data / f) for f in split["val"]], seed=seed, device="cpu", threads=threads,
+                      model_id=f"crosssite-{fold}", **kw)
+    info = {"seconds": time.perf_counter() - t0, "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),
+            "stop_reason": m.get("stop_reason"), "pool_made": m.get("n_corrupted_volumes"),
+            "val_pearson_best": (m.get("final") or {}).get("val_pearson"),
+            "arguments": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}, "seed": seed,
+            "n_train": len(split["train"]), "val": split["val"]}
+    (out / "train.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def cmd_fold(args, data: Path, fold: str) -> dict:
+    import torch
+
+    from artifactqc.encoder.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    b = BUDGETS[args.budget]
+    out = variant_dir(fold, args.budget, args.tag)
+    if args.seed:
+        out = out.with_name(out.name + f"-s{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "model" / "model.json").is_file():
+        log.info("training fold %s (%s budget) -> %s", fold, args.budget, out)
+        train_fold(data, fold, args.budget, out, args.seed, args.threads, json.loads(args.train) if args.train else {})
+    cache = CACHE / fold / f"eval-{b['eval_volumes']}.npz"
+    if not cache.is_file():
+        log.info("building the evaluation cache of fold %s -> %s", fold, cache)
+        build_eval_cache(data, fold, b["eval_volumes"], cache)
+    z = np.load(cache)
+    meta = [json.loads(s) for s in z["meta"]]
+    model = load_model(out / "model", device="cpu")
+    t0 = time.perf_counter()
+    rows = score_cache(model, z["X"])
+    res = fold_metrics(meta, rows)
+    res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed,
+            "held_out_sites": fold_split(data, fold)["held_out_sites"], "score_seconds": time.perf_counter() - t0,
+            "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}}
+    tr = json.loads((out / "model" / "model.json").read_text()).get("training", {})  # the model's own record
+    res["train"] |= {"pool_made": tr.get("n_corrupted_volumes"), "val_pearson_best": (tr.get("final") or {}).get("val_pearson")}
+    (out / "metrics.json").write_text(json.dumps(res, indent=2))
+    log.info("fold %s: r %.3f (matched %.3f), AUROC %.3f, unseen %.3f, clean max %.2f", fold,
+             res["quality_mean"]["pearson_overall"], res["quality_matched"]["pearson_overall"],
+             res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"], res["unseen"]["auroc_all_vs_clean"], res["clean"]["max"])
+    return res
+
+
+# -------------------------------------------------------------------------------------------- table
+def headline(m: dict) -> dict:
+    """The per-fold numbers of the summary table (flat)."""
+    qm, qs = m["quality_mean"], m["quality_matched"]
+    out = {"pearson_typemean": qm["pearson_overall"], "pearson_matched": qs["pearson_overall"],
+           **{f"spearman_{t}": qm["spearman_by_type"][t] for t in TYPES},
+           "auroc_typemean": qm["auroc_ss_ge_0.5_vs_clean"], "auroc_matched": qs["auroc_ss_ge_0.5_vs_clean"],
+           "auroc_unseen": m["unseen"]["auroc_all_vs_clean"], "argmax": qm["argmax_accuracy_ss_ge_0.5"],
+           "clean_median": m["clean"]["median"], "clean_max": m["clean"]["max"],
+           "clean_below_0.5": m["clean"]["fraction_below_0.5"],
+           "resample_max_x_range": m["benign"]["resampled_1.5mm"]["max_x_range"],
+           "resample_mean_x_sd": m["benign"]["resampled_1.5mm"]["mean_x_sd"]}
+    return out
+
+
+TARGETS = {"pearson_typemean": ">= 0.80", "pearson_matched": ">= 0.90", **{f"spearman_{t}": ">= 0.85" for t in TYPES},
+           "auroc_typemean": ">= 0.95 (no fold < 0.85)", "auroc_matched": ">= 0.95", "auroc_unseen": "(report)",
+           "argmax": ">= 0.85", "clean_median": "", "clean_max": "< 0.5", "clean_below_0.5": ">= 0.95",
+           "resample_max_x_range": "< 0.5", "resample_mean_x_sd": "< 0.25"}
+
+
+def cmd_table(args) -> dict:
+    folds = PROXY_FOLDS if args.budget == "proxy" else tuple(FOLDS)
+    found = {}
+    for f in folds:
+        p = variant_dir(f, args.budget, args.tag) / "metrics.json"
+        if p.is_file():
+            found[f] = json.loads(p.read_text())
+        else:
+            log.warning("fold %s has no metrics at %s (run: run.py fold %s --budget %s)", f, p, f, args.budget)
+    if not found:
+        sys.exit("no fold results to tabulate")
+    H = {f: headline(m) for f, m in found.items()}
+    keys = list(next(iter(H.values())))
+    summary = {k: {"mean": float(np.mean([h[k] for h in H.values()])),
+                   "sd": float(np.std([h[k] for h in H.values()], ddof=1)) if len(H) > 1 else None} for k in keys}
+    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget], "recipe": V9_RECIPE | {"tag": args.tag},
+           "folds": found, "per_fold": H, "mean_sd": summary, "fold_definitions": FOLDS}
+    name = "results" if args.tag == "baseline" else f"results-{args.tag}"
+    if args.budget == "proxy":
+        name += "_proxy"
+    (HERE / f"{name}.json").write_text(json.dumps(res, indent=2, default=list))
+    write_md(HERE / f"{name}.md", res)
+    return res
+
+
+def _sites(sites: list[str]) -> str:
+    """Held-out sites for display: the IXI subjects' groups collapsed into one site."""
+    ixi = [x for x in sites if x.startswith("IXI_")]
+    rest = [x for x in sites if not x.startswith("IXI_")]
+    return ", ".join(([f"IXI-Hammersmith ({len(ixi)} subjects)"] if ixi else []) + rest)
+
+
+def _f(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.3f}"
+
+
+def write_md(path: Path, res: dict) -> None:
+    H, S, F = res["per_fold"], res["mean_sd"], res["folds"]
+    b = res["budget_settings"]
+    L = [f"# Leave-site-out benchmark: {res['budget'].upper()} budget" + (" (PROXY: two folds, short training; "
+         "for screening ideas, not the headline)" if res["budget"] == "proxy" else ""), "",
+         f"Recipe: v9 of benchmarks/encoder ({res['recipe']}); budget per fold: {b['epochs']} epochs x "
+         f"{b['steps_per_epoch']} steps (batch 32), {b['pool_refresh']} new corrupted volumes per epoch, "
+         f"safety cap {b['max_minutes']} min; {b['eval_volumes']} simulated evaluation volumes per fold. "
+         "One training run (seed 0) per fold. Folds (held-out sites): " + "; ".join(
+             f"`{f}` {_sites(m['held_out_sites'])}" for f, m in F.items()) + ". Reproduce and fold definitions: "
+         "see README.md.", "",
+         "| measure | target | " + " | ".join(H) + " | mean ± sd |", "|---|---|" + "---|" * len(H) + "---|"]
+    for k in next(iter(H.values())):
+        sd = S[k]["sd"]
+        L.append(f"| {k} | {TARGETS.get(k, '')} | " + " | ".join(_f(h[k]) for h in H.values())
+                 + f" | {_f(S[k]['mean'])}" + (f" ± {sd:.3f}" if sd is not None else "") + " |")
+    L += ["", "Rows: `pearson_*` r(SS, score) over the evaluation volumes' clean + corrupted rows (type-mean "
+          "calibrated / SSIM-matched severities); `spearman_*` within a type (type-mean); `auroc_*` corrupted "
+          "SS >= 0.5 (or every unseen-kind row) vs the clean scores of every held-out volume; `argmax` heads name "
+          "the type, SS >= 0.5; `clean_*` every held-out volume as stored; `resample_*` |change| of the clean "
+          "score after resampling to 1.5 mm, x the clean range / x the clean sd of the fold's held-out volumes.",
+          "The sd column is the fold-to-fold spread (different held-out sites AND different training sets), "
+          "not a seed noise estimate.", ""]
+    for f, m in F.items():
+        t = m.get("train") or {}
+        L += [f"## Fold `{f}`: held out {_sites(m['held_out_sites'])}", "",
+              f"- training: {t.get('n_train')} volumes, validation {t.get('val')}; {(t.get('seconds') or 0) / 60:.1f} "
+              f"min, best epoch {t.get('best_epoch')} of {t.get('epochs_run')} ({t.get('stop_reason')}), "
+              f"{t.get('pool_made')} corrupted volumes",
+              f"- evaluation volumes: {', '.join(Path(v).name for v in m['eval_volumes'])}; clean volumes: {m['n_clean']}"]
+        for d in ("mean", "matched"):
+            q = m[f"quality_{d}"]
+            L.append(f"- {d}: r {q['pearson_overall']:.3f}; Spearman " + ", ".join(
+                f"{t_} {v:.2f}" for t_, v in q["spearman_by_type"].items()) + f"; AUROC {q['auroc_ss_ge_0.5_vs_clean']:.3f} "
+                "(by type " + ", ".join(f"{t_} {v:.2f}" for t_, v in q["auroc_by_type"].items()) + f"); argmax "
+                f"{q['argmax_accuracy_ss_ge_0.5']:.2f} (" + ", ".join(f"{t_} {v:.2f}" for t_, v in q["argmax_accuracy_by_type"].items())
+                + "); mean score at SS 0.5: " + ", ".join(f"{t_} {v:.2f}" for t_, v in q["score_at_0.5_by_type"].items()))
+        u = m["unseen"]
+        L.append(f"- unseen kinds: AUROC {u['auroc_all_vs_clean']:.3f}; by kind " + ", ".join(
+            f"{k} {v:.2f} (score {u['mean_score_by_kind'][k]:.2f}, SSIM {u['mean_ssim_by_kind'][k]:.2f})"
+            for k, v in u["auroc_by_kind"].items()))
+        c = m["clean"]
+        L.append(f"- clean scores: median {c['median']:.2f}, max {c['max']:.2f}, sd {c['sd']:.2f}, below 0.5: "
+                 f"{c['fraction_below_0.5']:.2f}" + (f"; 2D scans with every non-resolution head < 0.5: "
+                 f"{c['fraction_2d_nonresolution_heads_below_0.5']:.2f}" if c["fraction_2d_nonresolution_heads_below_0.5"] is not None else ""))
+        L += ["", "| benign change | mean abs | max abs | mean x sd | max x sd | max x range |", "|---|---|---|---|---|---|"]
+        for k, v in m["benign"].items():
+            L.append(f"| {k} | {v['mean_abs']:.3f} | {v['max_abs']:.3f} | {v['mean_x_sd']:.2f} | {v['max_x_sd']:.2f} | "
+                     f"{v['max_x_range']:.2f} |")
+        L.append("")
+    path.write_text("\n".join(L) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["fold", "cache", "proxy", "all", "table", "folds"])
+    ap.add_argument("fold", nargs="?", choices=list(FOLDS))
+    H.add_data_arg(ap, default=None)
+    ap.add_argument("--budget", choices=list(BUDGETS), default="full")
+    ap.add_argument("--tag", default="baseline", help="variant name (models/metrics kept apart per tag)")
+    ap.add_argument("--train", default=None, help="JSON of further train_encoder arguments (the idea under test)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.step == "table":
+        cmd_table(args)
+        return 0
+    data = H.data_dir(args.data)
+    if args.step == "folds":
+        for f in FOLDS:
+            s = fold_split(data, f)
+            print(f"{f}: held out {s['held_out_sites']} ({len(s['test'])} volumes, eval {len(s['eval'])}); "
+                  f"train {len(s['train'])}, val {s['val']}")
+        return 0
+    if args.step == "cache":  # only the (model-independent) evaluation cache of a fold
+        n = BUDGETS[args.budget]["eval_volumes"]
+        build_eval_cache(data, args.fold, n, CACHE / args.fold / f"eval-{n}.npz")
+        return 0
+    if args.step == "fold":
+        if not args.fold:
+            sys.exit("run.py fold NAME (one of " + ", ".join(FOLDS) + ")")
+        cmd_fold(args, data, args.fold)
+        return 0
+    if args.step == "proxy":
+        args.budget = "proxy"
+    for f in PROXY_FOLDS if args.step == "proxy" else FOLDS:
+        cmd_fold(args, data, f)
+    cmd_table(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Site-aware score: each volume's raw score relative to its site's reference distribution.
+
+Real cohorts come in sites (scanner, protocol) whose clean volumes score differently: a site with a noisier
+protocol or anatomy the encoder never saw sits above another site's clean level. As MRIQC's classifier scales
+its IQMs per site, ``score_site`` is a robust z-score of the raw ``score`` within the site::
+
+    score_site = (score - median_ref) / max(1.4826 * MAD_ref, min_scale)
+
+over the site's *reference* volumes (the flow's frozen reference manifest, or every scored volume of the
+site; see :func:`site_scores`). A site with fewer than ``min_reference`` reference volumes uses the pooled
+reference (every reference volume of the cohort) instead; ``score_site_basis`` says which (``site`` /
+``pooled``). The raw ``score`` is kept: a site whose scans are *all* bad has an unremarkable ``score_site``
+(its own median is bad) and shows up only through the raw score, hence rules like ``score_or_site``
+(:func:`artifactqc.density.flags.combine_flags`).
+
+Computed at the cohort gather (a table operation over every site), so a new site's delivery scores only its
+own shards; the per-site statistics of the other sites do not depend on it (with the manifest reference, which
+is frozen per flow id, not even the pooled ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: 1 / Φ⁻¹(3/4): MAD × this estimates the sd of a normal distribution
+MAD_TO_SD = 1.482602218505602
+SITE_REFERENCES = ("manifest", "all")
+COLUMN_DOCS = {
+    "score_site": "robust z of score within the site's reference: (score - median) / max(1.4826 MAD, min_scale)",
+    "score_site_basis": "reference of score_site: 'site' (the site's own), 'pooled' (too few site references), "
+                        "'' for failed volumes",
+    "score_site_n_ref": "number of reference volumes behind score_site's median and scale",
+    "score_site_median": "median score of those reference volumes",
+    "score_site_scale": "scale of score_site: max(1.4826 x MAD of those reference scores, site_score.min_scale)",
+}
+
+
+def robust_location_scale(x, min_scale: float = 0.0) -> tuple[float, float]:
+    """``(median, max(1.4826 · MAD, min_scale))`` of the finite values of ``x``."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        raise ValueError("no finite values to compute a median and MAD from")
+    med = float(np.median(x))
+    return med, max(MAD_TO_SD * float(np.median(np.abs(x - med))), float(min_scale))
+
+
+def site_scores(
+    df,
+    reference_ids: Iterable[str] | None = None,
+    *,
+    min_reference: int = 20,
+    min_scale: float = 0.1,
+    site_col: str = "site",
+    score_col: str = "score",
+    id_col: str = "volume_id",
+):
+    """The site-aware score of every row of a scores table (a DataFrame indexed like ``df``).
+
+    Reference volumes: rows with ``status == "ok"`` (when the column exists) and a finite score whose
+    ``id_col`` is in ``reference_ids``; ``reference_ids=None`` makes every such row a reference volume.
+    A site with at least ``min_reference`` of them is scaled by its own median and MAD, others by the pooled
+    ones. ``min_scale`` (score units) bounds the scale from below, so a site of near-identical clean scores
+    does not turn score differences of a few hundredths into large z values. Rows without a finite score get
+    NaN and basis ``''``. Columns: :data:`COLUMN_DOCS`.
+    """
+    import pandas as pd
+
+    if min_reference < 1:
+        raise ValueError(f"min_reference must be >= 1, got {min_reference}")
+    if min_scale <= 0:
+        raise ValueError(f"min_scale must be > 0 (score units), got {min_scale}")
+    for c in (site_col, score_col) + ((id_col,) if reference_ids is not None else ()):
+        if c not in df.columns:
+            raise ValueError(f"site-aware score needs column {c!r}; the table has {list(df.columns)[:12]}")
+    score = pd.to_numeric(df[score_col], errors="coerce").to_numpy(dtype=np.float64)
+    ok = np.isfinite(score)
+    if "status" in df.columns:
+        ok &= (df["status"].astype(str) == "ok").to_numpy()
+    is_ref = ok.copy()
+    if reference_ids is not None:
+        is_ref &= df[id_col].astype(str).isin(set(map(str, reference_ids))).to_numpy()
+    if not is_ref.any():
+        raise ValueError("no reference volume with status ok and a finite score: the site-aware score has no "
+                         "reference (check the reference manifest against the scored volumes)")
+    p_med, p_scale = robust_location_scale(score[is_ref], min_scale)
+    n = len(df)
+    med, scale, nref = np.full(n, p_med), np.full(n, p_scale), np.full(n, int(is_ref.sum()), dtype=np.int64)
+    basis = np.full(n, "pooled", dtype=object)
+    sites = df[site_col].astype(str).to_numpy()
+    for s in pd.unique(sites):
+        m = sites == s
+        k = int((m & is_ref).sum())
+        if k >= min_reference:
+            med[m], scale[m] = robust_location_scale(score[m & is_ref], min_scale)
+            nref[m], basis[m] = k, "site"
+        else:
+            log.info("site %s: %d reference volumes < %d: site-aware score uses the pooled reference", s, k,
+                     min_reference)
+    z = (score - med) / scale
+    z[~ok] = np.nan
+    basis[~ok] = ""
+    return pd.DataFrame({"score_site": z, "score_site_basis": basis, "score_site_n_ref": nref,
+                         "score_site_median": med, "score_site_scale": scale}, index=df.index)
+
+
+def read_reference_ids(path) -> list[str]:
+    """The ``volume_id`` column of a reference manifest TSV (``results/flows/<id>/reference.tsv``)."""
+    import pandas as pd
+
+    ref = pd.read_csv(path, sep="\t", dtype=str)
+    if "volume_id" not in ref.columns:
+        raise ValueError(f"{path}: reference manifest needs a 'volume_id' column (found {list(ref.columns)})")
+    return ref["volume_id"].tolist()
+
+
+def add_site_scores(cohort, *, reference: str = "manifest", reference_ids: Iterable[str] | None = None,
+                    min_reference: int = 20, min_scale: float = 0.1, rule: str | None = None,
+                    score_threshold: float = 1.0, site_threshold: float = 3.0):
+    """Add the :data:`COLUMN_DOCS` columns to a cohort table; with a ``rule`` that has a ``site`` term,
+    (re)compute ``flagged`` from it (the shards leave it empty for such rules). ``reference="manifest"``
+    needs ``reference_ids`` (the flow's reference manifest); ``"all"`` uses every scored volume. Returns a new
+    DataFrame."""
+    from .density.flags import combine_flags, rule_uses_site
+
+    if reference not in SITE_REFERENCES:
+        raise ValueError(f"site_score.reference must be one of {SITE_REFERENCES}, got {reference!r}")
+    if reference == "manifest" and reference_ids is None:
+        raise ValueError("site_score.reference = manifest needs the reference manifest's volume ids")
+    out = cohort.copy()
+    ss = site_scores(out, reference_ids if reference == "manifest" else None, min_reference=min_reference,
+                     min_scale=min_scale)
+    for c in ss.columns:
+        out[c] = ss[c].to_numpy()
+    if rule is not None and rule_uses_site(rule):
+        out["flagged"] = combine_flags(out, rule, score_threshold=score_threshold, site_threshold=site_threshold)
+    return out
+
+
+def gather_options(config: dict, reference_manifest, *, rule: str, score_threshold: float) -> dict:
+    """Keyword arguments of :func:`add_site_scores` from the config section ``site_score`` and the flow's
+    reference manifest (read only when ``site_score.reference`` is ``manifest``)."""
+    ref = config.get("reference", "manifest")
+    return {"reference": ref, "reference_ids": read_reference_ids(reference_manifest) if ref == "manifest" else None,
+            "min_reference": int(config["min_reference"]), "min_scale": float(config["min_scale"]),
+            "site_threshold": float(config["threshold"]), "rule": rule, "score_threshold": float(score_threshold)}
