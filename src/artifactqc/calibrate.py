@@ -295,7 +295,7 @@ class Calibration:
 def _fit_lr(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, C: float):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, max_iter=2000).fit(X, y, sample_weight=w)
+    return LogisticRegression(C=C, solver="newton-cholesky", max_iter=200).fit(X, y, sample_weight=w)
 
 
 def _inner_predictions(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, C: float, seed: int) -> np.ndarray:

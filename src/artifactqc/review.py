@@ -153,17 +153,20 @@ def review_order(df: pd.DataFrame, threshold: float = 1.0, near_margin: float = 
     ``rank`` (1-based). See the module docstring for the order."""
     d = df.copy()
     d["score"] = d["score"].astype(float)
-    site_rank = d.groupby("site")["score"].rank(ascending=False, method="first")
-    flagged = d["flagged"].fillna(False).astype(bool) if "flagged" in d else d["score"] > threshold
+    flagged = d["flagged"].astype("boolean").fillna(False).astype(bool) if "flagged" in d else d["score"] > threshold
     dist = (d["score"] - threshold).abs()
     near = ~flagged & (dist <= near_margin)
+    rest = ~flagged & ~near
+    # each site's worst among the rest: rank 1 of every site, then rank 2, ... (higher score first within a rank)
+    site_rank = d["score"].where(rest).groupby(d["site"]).rank(ascending=False, method="first").fillna(0)
     grp = np.where(flagged, 0, np.where(near, 1, 2))
     key2 = np.where(flagged, -d["score"], np.where(near, dist, site_rank * 1e6 - d["score"]))
     d["reason"] = np.where(flagged, "flagged", np.where(near, "near the threshold",
                                                        "site's worst #" + site_rank.astype(int).astype(str)))
     calibrated = "p_fail" in d and np.isfinite(d["p_fail"].astype(float)).any()
     if calibrated:
-        rated = d["fail"].notna() if "fail" in d else d["label"].astype(str).str.strip() != ""
+        # rated = any rating, doubtful included (a doubtful volume has been looked at; it is not fitted on)
+        rated = (d["label"].fillna("").astype(str).str.strip() != "") if "label" in d else d["fail"].notna()
         thr = d["p_fail_threshold"].astype(float) if "p_fail_threshold" in d else 0.5
         unc = np.abs(_logit(d["p_fail"].astype(float).fillna(0.5)) - _logit(thr))
         d["reason"] = np.where(rated, "rated: " + d["reason"],
