@@ -228,3 +228,16 @@ def test_write_calibration_not_enough_labels(tmp_path):
     c = pd.read_parquet(out["cohort"])
     assert c["p_fail"].isna().all() and c["flagged_calibrated"].isna().all()
     assert "not fitted" in out["markdown"].read_text()
+
+
+def test_cli_check_ratings(tmp_path, capsys):
+    from artifactqc.cli import main
+
+    cohort = tmp_path / "cohort.tsv"
+    pd.DataFrame({"volume_id": ["a", "b"]}).to_csv(cohort, sep="\t", index=False)
+    good = write(tmp_path / "good.tsv", HEADER + "a\t3\t\t\t\nb\t1\t\t\t\n")
+    assert main(["check-ratings", str(good), "--cohort", str(cohort)]) == 0
+    assert "2 rated volumes" in capsys.readouterr().out
+    bad = write(tmp_path / "bad.tsv", HEADER + "a\t3\t\t\t\nc\t1\t\t\t\n")
+    assert main(["check-ratings", str(bad), "--cohort", str(cohort)]) == 1
+    assert f"{bad}:3: unknown volume_id 'c'" in capsys.readouterr().err
