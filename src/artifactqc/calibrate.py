@@ -171,55 +171,58 @@ def merge_labels(cohort: pd.DataFrame, ratings: pd.DataFrame, fail_values: Itera
 
 
 # ------------------------------------------------------------------------------------------ scaling
+def _numeric(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    try:
+        return df[list(columns)].astype(np.float64)
+    except (TypeError, ValueError):
+        return df[list(columns)].apply(pd.to_numeric, errors="coerce").astype(np.float64)
+
+
 def robust_scalers(df: pd.DataFrame, columns: Sequence[str], site_col: str = "site", min_site_n: int = 5,
                    global_columns: Iterable[str] = ()) -> dict:
     """Per-site and pooled ``median`` and ``scale`` (1.4826 × MAD) of each feature column.
 
     Returns ``{"pooled": {col: [median, scale]}, "sites": {site: {col: [median, scale]}}}``; a site with
     fewer than ``min_site_n`` finite values of a column, or a MAD of 0, gets the pooled statistics for
-    it, and so does every column in ``global_columns``."""
+    it, and so does every column in ``global_columns``. (A pooled MAD of 0 falls back to the standard
+    deviation, then to 1.)"""
+    columns = list(columns)
     glob = set(global_columns)
-
-    def stats(v: np.ndarray):
-        v = v[np.isfinite(v)]
-        if v.size == 0:
-            return None
-        med = float(np.median(v))
-        return [med, float(MAD_SCALE * np.median(np.abs(v - med)))]
-
-    pooled = {}
-    for c in columns:
-        s = stats(df[c].to_numpy(dtype=np.float64))
-        if s is None:
-            s = [0.0, 1.0]
-        if not s[1] > 0:
-            sd = float(np.nanstd(df[c].to_numpy(dtype=np.float64)))
-            s[1] = sd if sd > 0 else 1.0
-        pooled[c] = s
+    x = _numeric(df, columns)
+    x = x.where(np.isfinite(x))
+    med = x.median()
+    scale = MAD_SCALE * (x - med).abs().median()
+    sd = x.std(ddof=0)
+    scale = scale.where(scale > 0, sd.where(sd > 0, 1.0)).fillna(1.0)
+    med = med.fillna(0.0)
+    pooled = {c: [float(med[c]), float(scale[c])] for c in columns}
     sites = {}
-    for site, g in df.groupby(site_col, sort=True):
-        per = {}
-        for c in columns:
-            s = None if c in glob else stats(g[c].to_numpy(dtype=np.float64))
-            if s is None or np.isfinite(g[c].to_numpy(dtype=np.float64)).sum() < min_site_n or not s[1] > 0:
-                s = pooled[c]
-            per[c] = s
-        sites[str(site)] = per
+    if len(df):
+        site = df[site_col].astype(str)
+        g = x.groupby(site, sort=True)
+        smed = g.median()
+        smad = MAD_SCALE * (x - smed.loc[site].set_axis(x.index)).abs().groupby(site, sort=True).median()
+        n, M, S = g.count().to_numpy(), smed.to_numpy(), smad.to_numpy()
+        own = (n >= min_site_n) & np.isfinite(M) & (S > 0) & ~np.isin(columns, list(glob))[None, :]
+        for i, s in enumerate(smed.index):
+            sites[str(s)] = {c: ([float(M[i, j]), float(S[i, j])] if own[i, j] else pooled[c])
+                             for j, c in enumerate(columns)}
     return {"pooled": pooled, "sites": sites}
 
 
 def apply_scalers(df: pd.DataFrame, columns: Sequence[str], scalers: Mapping, site_col: str = "site") -> np.ndarray:
-    """The scaled feature matrix ``[n, len(columns)]``; a site absent from ``scalers`` uses the pooled
-    statistics; missing values become 0 (the site's median)."""
-    X = np.zeros((len(df), len(columns)), dtype=np.float64)
+    """The scaled feature matrix ``[n, len(columns)]`` (clipped to ±20); a site absent from ``scalers``
+    uses the pooled statistics; missing values become 0 (the site's median)."""
+    columns = list(columns)
     sites = df[site_col].astype(str).to_numpy()
-    for j, c in enumerate(columns):
-        v = df[c].to_numpy(dtype=np.float64)
-        med = np.array([scalers["sites"].get(s, scalers["pooled"])[c][0] for s in sites])
-        sc = np.array([scalers["sites"].get(s, scalers["pooled"])[c][1] for s in sites])
-        x = (v - med) / sc
-        X[:, j] = np.where(np.isfinite(x), np.clip(x, -20, 20), 0.0)
-    return X
+    names = sorted(set(sites))
+    stats = np.array([[scalers["sites"].get(s, scalers["pooled"])[c] for c in columns] for s in names],
+                     dtype=np.float64).reshape(len(names), len(columns), 2)
+    idx = np.searchsorted(np.array(names, dtype=object), sites) if len(names) else np.zeros(0, int)
+    v = _numeric(df, columns).to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = (v - stats[idx, :, 0]) / stats[idx, :, 1]
+    return np.where(np.isfinite(x), np.clip(x, -20, 20), 0.0)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -232,13 +235,13 @@ def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
         return float("nan")
     u = np.unique(p)
     cands = np.concatenate([[u[0] - 1e-9], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-9]]) if u.size > 1 else np.array([u[0]])
-    best, best_t = -1.0, 0.5
-    for t in cands:
-        f = p >= t
-        ba = 0.5 * (f[y].mean() + (~f[~y]).mean())
-        if ba > best + 1e-12 or (abs(ba - best) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5)):
-            best, best_t = ba, float(t)
-    return float(np.clip(best_t, 0.0, 1.0))
+    pos, neg = np.sort(p[y]), np.sort(p[~y])
+    sens = 1.0 - np.searchsorted(pos, cands, side="left") / pos.size  # share of fails with p >= t
+    spec = np.searchsorted(neg, cands, side="left") / neg.size  # share of passes with p < t
+    ba = 0.5 * (sens + spec)
+    best = np.flatnonzero(ba >= ba.max() - 1e-12)
+    t = cands[best[np.argmin(np.abs(cands[best] - 0.5))]]
+    return float(np.clip(t, 0.0, 1.0))
 
 
 @dataclass
@@ -516,6 +519,7 @@ def calibrate_cohort(scores: pd.DataFrame, ratings_paths: Sequence[str | Path], 
 def metrics_markdown(res: Mapping) -> str:
     """``results/calibration/metrics.md``: status, thresholds and label counts per site, cross-validated metrics."""
     from .report import markdown_table
+    from .reporting import ci_cell as cell
 
     L = ["# Calibration against the manual ratings", "", f"Status: {res['status']}.", "",
          "Ratings → fail with labels.fail_values / labels.pass_values; a rating in neither list (by default "
@@ -531,13 +535,6 @@ def metrics_markdown(res: Mapping) -> str:
               "same volumes. 95 % stratified bootstrap CIs in brackets.", "",
               "| scope | metric | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC |",
               "|---|---|---:|---:|---|---|---|---|"]
-
-        def cell(r, k):
-            v = r[k]
-            if not np.isfinite(v):
-                return ""
-            lo, hi = r[f"{k}_lo"], r[f"{k}_hi"]
-            return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
 
         for _, r in m.iterrows():
             L.append(f"| {r['scope']} | {r['metric']} | {int(r['n'])} | {int(r['n_fail'])} | {cell(r, 'sensitivity')} | "

@@ -276,16 +276,20 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
     return table, curves
 
 
+def ci_cell(r, name: str) -> str:
+    """``0.91 [0.85, 0.96]`` from a row's ``name``, ``name_lo``, ``name_hi`` (no CI when it is NaN; '' for NaN)."""
+    v = r[name]
+    if not np.isfinite(v):
+        return ""
+    lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
+
+
 def label_markdown(table: pd.DataFrame) -> str:
     """Markdown table ``metric | kind | n | n_fail | sensitivity [CI] | specificity [CI] | balanced acc. [CI] |
     AUROC [CI] | direction``; continuous metrics show the oriented AUROC (max(AUROC, 1 − AUROC)) and which
     end means fail."""
-    def cell(r, name):
-        v = r[name]
-        if not np.isfinite(v):
-            return ""
-        lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
-        return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
+    cell = ci_cell
 
     lines = ["| metric | kind | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC | direction |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
