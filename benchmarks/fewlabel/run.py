@@ -64,8 +64,15 @@ def target_weights(df: pd.DataFrame, target: np.ndarray, share: float) -> np.nda
     return w
 
 
+def with_pooled_copies(df: pd.DataFrame, iqms: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """``df`` with a ``<iqm>__pooled`` copy of every IQM (scaled with the pooled median/MAD instead of the
+    site's, so the model can also use a site's absolute level); returns (frame, features, pooled features)."""
+    pooled = [f"{c}__pooled" for c in iqms]
+    return df.assign(**{p: df[c] for p, c in zip(pooled, iqms)}), iqms + pooled, pooled
+
+
 def adapt_and_predict(df: pd.DataFrame, target: np.ndarray, k: int, rng: np.random.Generator, iqms: list[str],
-                      share: float, C: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      share: float, C: float, pooled: list[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit on every other site's labels plus ``k`` random rated scans of the target rows; returns the rest
     of the target: (labels, p_fail, calibrated flag)."""
     tidx = np.flatnonzero(target)
@@ -74,7 +81,8 @@ def adapt_and_predict(df: pd.DataFrame, target: np.ndarray, k: int, rng: np.rand
     train["fail"] = train["fail"].astype("boolean")
     hide = np.setdiff1d(tidx, chosen)
     train.loc[hide, "fail"] = pd.NA
-    cal = calibrate.fit(train, iqms, scale_df=df, weights=target_weights(train, target, share), C=C)
+    cal = calibrate.fit(train, iqms, scale_df=df, weights=target_weights(train, target, share), C=C,
+                        global_features=pooled)
     rest = df.loc[hide]
     p = cal.predict_proba(rest)
     return rest["fail"].astype(bool).to_numpy(), p, cal.flag(rest, p)
@@ -86,7 +94,8 @@ def metrics(y: np.ndarray, p: np.ndarray, f: np.ndarray) -> dict:
             "accuracy": float((y == f).mean()), "sensitivity": ss["sensitivity"], "specificity": ss["specificity"]}
 
 
-def loso(abide: pd.DataFrame, iqms: list[str], draws: int, share: float, C: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def loso(abide: pd.DataFrame, iqms: list[str], draws: int, share: float, C: float,
+         pooled: list[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per (site, k, draw) metrics on the rest of the held-out site, and the pooled predictions."""
     rows, preds = [], []
     for site in sorted(abide["site"].unique()):
@@ -96,7 +105,7 @@ def loso(abide: pd.DataFrame, iqms: list[str], draws: int, share: float, C: floa
                 continue
             for d in range(1 if k == 0 else draws):
                 rng = np.random.default_rng([k, d, sum(map(ord, site))])
-                y, p, f = adapt_and_predict(abide, target, k, rng, iqms, share, C)
+                y, p, f = adapt_and_predict(abide, target, k, rng, iqms, share, C, pooled)
                 rows.append({"site": site, "k": k, "draw": d, **metrics(y, p, f)})
                 preds.append(pd.DataFrame({"site": site, "k": k, "draw": d, "fail": y, "p_fail": p, "flag": f}))
         print(f"  {site}: done", flush=True)
@@ -106,20 +115,21 @@ def loso(abide: pd.DataFrame, iqms: list[str], draws: int, share: float, C: floa
 def single_iqm_baseline(abide: pd.DataFrame, iqms: list[str]) -> pd.DataFrame:
     """Uncalibrated metrics: for each held-out site, the IQM with the best oriented pooled AUROC on the
     other sites, with that orientation, scored on the held-out site (raw values, no per-site scaling)."""
-    rows = []
+    rows, held = [], []
     for site in sorted(abide["site"].unique()):
         tr, te = abide[abide["site"] != site], abide[abide["site"] == site]
         y_tr = tr["fail"].astype(bool).to_numpy()
         best = max(iqms, key=lambda c: abs(auroc(y_tr, tr[c].fillna(tr[c].median())) - 0.5))
         sign = 1.0 if auroc(y_tr, tr[best].fillna(tr[best].median())) >= 0.5 else -1.0
         y = te["fail"].astype(bool).to_numpy()
-        rows.append({"site": site, "iqm": best, "auroc": auroc(y, sign * te[best].fillna(te[best].median())),
-                     "cjv_auroc": auroc(y, te["cjv"])})
-    return pd.DataFrame(rows)
+        x = sign * te[best].fillna(te[best].median()).to_numpy()
+        rows.append({"site": site, "iqm": best, "auroc": auroc(y, x), "cjv_auroc": auroc(y, te["cjv"])})
+        held.append(pd.DataFrame({"fail": y, "x": x}))
+    return pd.DataFrame(rows), pd.concat(held, ignore_index=True)
 
 
 def abide_to_ds030(abide: pd.DataFrame, ds030: pd.DataFrame, iqms: list[str], draws: int, share: float, C: float,
-                   n_boot: int) -> pd.DataFrame:
+                   n_boot: int, pooled: list[str] = ()) -> pd.DataFrame:
     """Train on all of ABIDE; k random rated DS030 scans added; metrics on the rest of DS030 (with CIs)."""
     both = pd.concat([abide.assign(dataset="ABIDE"), ds030.assign(dataset="DS030")], ignore_index=True)
     target = (both["dataset"] == "DS030").to_numpy()
@@ -128,7 +138,7 @@ def abide_to_ds030(abide: pd.DataFrame, ds030: pd.DataFrame, iqms: list[str], dr
         per = []
         for d in range(1 if k == 0 else draws):
             rng = np.random.default_rng([7, k, d])
-            y, p, f = adapt_and_predict(both, target, k, rng, iqms, share, C)
+            y, p, f = adapt_and_predict(both, target, k, rng, iqms, share, C, pooled)
             t = evaluate_flags(pd.DataFrame({"fail": y, "flag": f, "p": p}), "fail", ["flag"], ["p"], n_boot=n_boot, seed=d)
             per.append({**metrics(y, p, f), "auroc_lo": t.iloc[1]["auroc_lo"], "auroc_hi": t.iloc[1]["auroc_hi"],
                         "ba_lo": t.iloc[0]["balanced_accuracy_lo"], "ba_hi": t.iloc[0]["balanced_accuracy_hi"]})
@@ -211,28 +221,40 @@ def main(argv=None):
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--share", type=float, default=0.3, help="weight share of the new site's rated scans")
     ap.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
+    ap.add_argument("--features", choices=["site", "site+pooled"], default="site",
+                    help="IQMs scaled per site only, or also a copy scaled with the pooled statistics")
+    ap.add_argument("--suffix", default="", help="output names: results<suffix>.md/.tsv, kcurve<suffix>.png")
     a = ap.parse_args(argv)
     t0 = time.time()
     abide, ds030, iqms = load(Path(a.data))
+    raw_iqms = iqms
+    pooled: list[str] = []
+    if a.features == "site+pooled":
+        abide, _, pooled = with_pooled_copies(abide, iqms)
+        ds030, iqms, pooled = with_pooled_copies(ds030, iqms)
     print(f"ABIDE {len(abide)} scans / {abide.site.nunique()} sites, DS030 {len(ds030)}, {len(iqms)} IQMs", flush=True)
-    res, preds = loso(abide, iqms, a.draws, a.share, a.C)
+    res, preds = loso(abide, iqms, a.draws, a.share, a.C, pooled)
     summary, site_k = per_site_summary(res)
     pool = pooled(preds, a.n_boot)
-    base = single_iqm_baseline(abide, iqms)
-    ds = abide_to_ds030(abide, ds030, iqms, a.draws, a.share, a.C, a.n_boot)
+    base, base_pooled = single_iqm_baseline(abide, raw_iqms)
+    bp = evaluate_flags(base_pooled, "fail", [], ["x"], n_boot=a.n_boot, seed=0).iloc[0]
+    ds = abide_to_ds030(abide, ds030, iqms, a.draws, a.share, a.C, a.n_boot, pooled)
     secs = time.time() - t0
-    res.to_csv(HERE / "results.tsv", sep="\t", index=False, float_format="%.4f")
-    plot(summary, pool, ds, float(base["auroc"].mean()), HERE / "kcurve.png")
+    res.to_csv(HERE / f"results{a.suffix}.tsv", sep="\t", index=False, float_format="%.4f")
+    plot(summary, pool, ds, float(base["auroc"].mean()), HERE / f"kcurve{a.suffix}.png")
 
     s0 = summary.set_index("k")
     L = ["# Few-label calibration on real manual ratings (ABIDE, DS030)", "",
          f"Produced by `.venv/bin/python benchmarks/fewlabel/run.py --draws {a.draws} --n-boot {a.n_boot} "
-         f"--share {a.share} --C {a.C}` in {secs:.0f} s (shared 2-core machine). Per (site, k, draw) rows: "
-         "`results.tsv`; figure: `kcurve.png`.", "",
+         f"--share {a.share} --C {a.C} --features {a.features}" + (f" --suffix {a.suffix}" if a.suffix else "")
+         + f"` in {secs:.0f} s (shared 2-core machine). Per (site, k, draw) rows: "
+         f"`results{a.suffix}.tsv`; figure: `kcurve{a.suffix}.png`.", "",
          "Data: mriqc-learn's ABIDE table (rater_3, the one rater of all 1,101 scans; 17 sites) and DS030 "
          f"(rater_1; {len(ds030)} scans). Fail = rating -1 (exclude); 0 (doubtful) and 1 (accept) = pass. "
-         f"Features: the {len(iqms)} MRIQC IQMs of the tables (no images exist for these scans, so the "
-         "artifactqc score is not part of this benchmark).", "",
+         f"Features: the {len(raw_iqms)} MRIQC IQMs of the tables (no images exist for these scans, so the "
+         "artifactqc score is not part of this benchmark)"
+         + (", each twice: scaled per site and scaled with the pooled statistics." if pooled else
+            ", scaled per site.") , "",
          "Method (`artifactqc.calibrate`): every IQM is scaled by its site's median and MAD over all of that "
          "site's scans (unsupervised, so available at k = 0); L2 logistic regression "
          f"(C = {a.C}) on every other site's ratings plus k random rated scans of the held-out site, which get "
@@ -257,6 +279,7 @@ def main(argv=None):
           "| reference | AUROC | accuracy |", "|---|---|---|",
           f"| best single IQM chosen on the other sites, raw values (per-site mean ± sd) | {base.auroc.mean():.3f} ± {base.auroc.std(ddof=1):.3f} | |",
           f"| CJV alone, raw (per-site mean ± sd) | {base.cjv_auroc.mean():.3f} ± {base.cjv_auroc.std(ddof=1):.3f} | |",
+          f"| best single IQM, raw values, pooled over the held-out sites [95% CI] | {fmt(bp.auroc, bp.auroc_lo, bp.auroc_hi)} | |",
           f"| MRIQC classifier, LOSO on ABIDE (published) | | {MRIQC_LOSO_ACC[0]:.2f} ± {MRIQC_LOSO_ACC[1]:.2f} |",
           f"| MRIQC classifier, held-out DS030 (published) | | {MRIQC_DS030_ACC:.2f} |",
           f"| this calibration, k = 0 (per-site mean ± sd) | {s0.loc[0].auroc_mean:.3f} ± {s0.loc[0].auroc_sd:.3f} | {s0.loc[0].acc_mean:.3f} ± {s0.loc[0].acc_sd:.3f} |",
@@ -278,7 +301,7 @@ def main(argv=None):
         g = g.set_index("k")
         L.append(f"| {site} | {int(counts.loc[site, 'size'])} | {int(counts.loc[site, 'sum'])} | "
                  + " | ".join(fmt(g.loc[k, "auroc"]) if k in g.index else "" for k in KS) + " |")
-    (HERE / "results.md").write_text("\n".join(L) + "\n")
+    (HERE / f"results{a.suffix}.md").write_text("\n".join(L) + "\n")
     print("\n".join(L))
 
 
