@@ -148,7 +148,7 @@ def abide_to_ds030(abide: pd.DataFrame, ds030: pd.DataFrame, iqms: list[str], dr
     return pd.DataFrame(rows)
 
 
-def pooled(preds: pd.DataFrame, n_boot: int) -> pd.DataFrame:
+def pooled_metrics(preds: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     """Pooled over the held-out sites, per (k, draw), then the median over draws of point and CI."""
     rows = []
     for k, gk in preds.groupby("k"):
@@ -235,7 +235,7 @@ def main(argv=None):
     print(f"ABIDE {len(abide)} scans / {abide.site.nunique()} sites, DS030 {len(ds030)}, {len(iqms)} IQMs", flush=True)
     res, preds = loso(abide, iqms, a.draws, a.share, a.C, pooled)
     summary, site_k = per_site_summary(res)
-    pool = pooled(preds, a.n_boot)
+    pool = pooled_metrics(preds, a.n_boot)
     base, base_pooled = single_iqm_baseline(abide, raw_iqms)
     bp = evaluate_flags(base_pooled, "fail", [], ["x"], n_boot=a.n_boot, seed=0).iloc[0]
     ds = abide_to_ds030(abide, ds030, iqms, a.draws, a.share, a.C, a.n_boot, pooled)
