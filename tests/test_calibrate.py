@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from artifactqc import calibrate
-from artifactqc.evaluate import auroc
+from artifactqc.qc import calibrate
+from artifactqc.qc.evaluate import auroc
 
 HEADER = "volume_id\trating\tnote\trater\ttime\n"
 

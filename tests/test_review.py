@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from artifactqc import review
+from artifactqc.report import review
 
 from .conftest import save_tiny_model
 from .workflow.test_ingest_workflow import make_volume

@@ -2,7 +2,7 @@
 
 Reads the mriqc-learn tables (../shared/data/qc_labels/mriqc-learn/mriqc_learn/datasets/{abide,ds030}.tsv):
 MRIQC's IQMs and the raters' decisions (fail = rating -1 "exclude"; 0 doubtful and 1 accept = pass, as in
-benchmarks/mriqc_learn_auroc). The calibration is artifactqc.calibrate (site-robust scaling over every
+benchmarks/mriqc_learn_auroc). The calibration is artifactqc.qc.calibrate (site-robust scaling over every
 scan of a site, L2 logistic regression, balanced-accuracy thresholds shrunk per site); the metrics and
 bootstrap CIs are artifactqc.evaluate's.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from artifactqc import calibrate
-from artifactqc.evaluate import auroc, evaluate_flags, map_ratings, sens_spec
-from artifactqc.mriqc import read_mriqc_tsv
+from artifactqc.qc import calibrate
+from artifactqc.qc.evaluate import auroc, evaluate_flags, map_ratings, sens_spec
+from artifactqc.qc.mriqc import read_mriqc_tsv
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -255,7 +255,7 @@ def main(argv=None):
          "artifactqc score is not part of this benchmark)"
          + (", each twice: scaled per site and scaled with the pooled statistics." if pooled else
             ", scaled per site.") , "",
-         "Method (`artifactqc.calibrate`): every IQM is scaled by its site's median and MAD over all of that "
+         "Method (`artifactqc.qc.calibrate`): every IQM is scaled by its site's median and MAD over all of that "
          "site's scans (unsupervised, so available at k = 0); L2 logistic regression "
          f"(C = {a.C}) on every other site's ratings plus k random rated scans of the held-out site, which get "
          f"{a.share:.0%} of the total sample weight; threshold on p_fail = the balanced-accuracy optimum of inner "

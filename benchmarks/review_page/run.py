@@ -1,6 +1,6 @@
 """How fast does a 1,000-volume review page open in a real browser (headless chromium)?
 
-Builds a page with ``--n`` volumes through the package's own code (artifactqc.review.write_review_page)
+Builds a page with ``--n`` volumes through the package's own code (artifactqc.report.review.write_review_page)
 with mosaics of the size the workflow writes (default SliceConfig: 8 slices of 128 px per axis, 3 per
 axis shown, 96 px tiles, JPEG quality 80), drawn from nilearn's MNI152 template with a different noise
 level per volume (0-4 % of the intensity range; noise makes JPEGs larger), plus four image
@@ -29,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from artifactqc import review  # noqa: E402
-from artifactqc.slices import SliceConfig, extract_from_array  # noqa: E402
+from artifactqc.report import review  # noqa: E402
+from artifactqc.encoder.slices import SliceConfig, extract_from_array  # noqa: E402
 from tests.browser import browser_available, chrome  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def main(argv=None):
          f"(headless chromium {chrome_version()}, shared 2-core machine under load from other jobs).", "",
          f"Page: {a.n} volumes, one self-contained file of {mb:.1f} MB (mean mosaic "
          f"{mos['mosaic'].map(len).mean() / 1e3:.1f} kB JPEG, 3 x 3 tiles of 96 px); written by "
-         f"`artifactqc.review.write_review_page` in {t_page:.1f} s (mosaics drawn beforehand, "
+         f"`artifactqc.report.review.write_review_page` in {t_page:.1f} s (mosaics drawn beforehand, "
          f"{t_build - t0:.0f} s for {a.n}: in the workflow that is the per-shard review_mosaics jobs).", "",
          "| measure | median | max |", "|---|---:|---:|",
          f"| navigation start → page usable (data parsed, queue of {a.n} built, first volume shown), ms | {med.ready_ms:.0f} | {res.ready_ms.max():.0f} |",

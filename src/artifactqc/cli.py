@@ -316,7 +316,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_check_ratings(args) -> int:
-    from .calibrate import RatingsError, read_ratings
+    from .qc.calibrate import RatingsError, read_ratings
 
     known = _read_table(args.cohort)["volume_id"].astype(str) if args.cohort else None
     try:

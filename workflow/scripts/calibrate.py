@@ -1,10 +1,11 @@
-"""Fit the few-label calibration and write results/calibration/ (artifactqc.calibrate.write_calibration)."""
+"""Fit the few-label calibration and write results/calibration/ (artifactqc.qc.calibrate.write_calibration)."""
 
 import sys
 
 import pandas as pd
 
-from artifactqc import calibrate, runlog
+from artifactqc import runlog
+from artifactqc.qc import calibrate
 from artifactqc.io import sha256_file
 
 log = runlog.to_file(snakemake.log[0])

@@ -1,8 +1,9 @@
-"""The demo's known labels as a ratings file (artifactqc.calibrate.labels_to_ratings)."""
+"""The demo's known labels as a ratings file (artifactqc.qc.calibrate.labels_to_ratings)."""
 
 from pathlib import Path
 
-from artifactqc import calibrate, demo, runlog
+from artifactqc import demo, runlog
+from artifactqc.qc import calibrate
 
 log = runlog.to_file(snakemake.log[0])
 p = snakemake.params

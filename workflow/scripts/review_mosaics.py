@@ -1,10 +1,11 @@
-"""Mosaics of the scorer's slices for one ingest shard (artifactqc.review.shard_mosaics)."""
+"""Mosaics of the scorer's slices for one ingest shard (artifactqc.report.review.shard_mosaics)."""
 
 import os
 
 import pandas as pd
 
-from artifactqc import review, runlog
+from artifactqc import runlog
+from artifactqc.report import review
 
 log = runlog.to_file(snakemake.log[0])
 runlog.limit_threads(snakemake.threads)

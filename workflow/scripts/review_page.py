@@ -1,8 +1,9 @@
-"""Write the review page results/review/index.html (artifactqc.review.write_review_page)."""
+"""Write the review page results/review/index.html (artifactqc.report.review.write_review_page)."""
 
 import pandas as pd
 
-from artifactqc import review, runlog
+from artifactqc import runlog
+from artifactqc.report import review
 
 log = runlog.to_file(snakemake.log[0])
 p = snakemake.params

@@ -214,7 +214,7 @@ def label_frame(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterab
     flags = [score_flag] + [c for c in (tau_column(t) for t in taus) if c in df.columns] + ["flagged"]
     for c in flags:
         df[c] = df[c].astype(bool)
-    if "flagged_calibrated_cv" in df:  # out-of-fold calibrated flag (artifactqc.calibrate); NA where not judged
+    if "flagged_calibrated_cv" in df:  # out-of-fold calibrated flag (artifactqc.qc.calibrate); NA where not judged
         df["flagged_calibrated_cv"] = df["flagged_calibrated_cv"].astype("Float64").astype(float)
         flags.append("flagged_calibrated_cv")
     return df, flags

@@ -9,7 +9,7 @@ module turns them into a probability of failure per volume, ``p_fail``, and a ca
    a volume rated twice in one file, a missing column or an empty file raise :class:`RatingsError`
    naming the file and line. A volume rated in several files keeps its latest rating (``time``).
    The words then go through the same ``labels.fail_values`` / ``labels.pass_values`` mapping as the
-   sheet's ``label`` column (:func:`artifactqc.evaluate.map_ratings`); a ratings-file rating replaces
+   sheet's ``label`` column (:func:`artifactqc.qc.evaluate.map_ratings`); a ratings-file rating replaces
    the sheet's label of that volume. By default ``exclude`` = fail, ``accept`` = pass and ``doubtful`` is
    in neither list: kept in the table, not used for fitting or evaluation.
 2. **Site-robust scaling** (:func:`robust_scalers`): each feature is centred on its site's median and
@@ -26,7 +26,7 @@ module turns them into a probability of failure per volume, ``p_fail``, and a ca
 5. **Evaluation** (:func:`cross_validate`): stratified K-fold over the rated volumes; each fold refits
    scalers-independent model *and* thresholds on the other folds, so no volume is evaluated by a model or
    threshold fitted on it. Metrics (sensitivity, specificity, balanced accuracy, AUROC, stratified
-   bootstrap CIs) come from :func:`artifactqc.evaluate.evaluate_flags`.
+   bootstrap CIs) come from :func:`artifactqc.qc.evaluate.evaluate_flags`.
 
 The fitted model is saved as JSON (:meth:`Calibration.to_json`): feature names and scaling kinds, the
 per-site medians/MADs, coefficients, intercept and thresholds; applying it needs numpy only. Never pickle.
@@ -134,7 +134,7 @@ def labels_to_ratings(sheet: pd.DataFrame, fail_values: Iterable, pass_values: I
     pass → ``accept``; unlabelled rows and labels in neither list are left out. Used to hand the demo's
     known labels to the workflow as a ratings file, and to turn an existing QC spreadsheet into one."""
     from .evaluate import map_ratings
-    from .reporting import rating_mapping
+    from ..report.stage import rating_mapping
 
     fail = map_ratings(sheet["label"], rating_mapping(fail_values, pass_values))
     keep = fail.notna()
@@ -148,7 +148,7 @@ def merge_labels(cohort: pd.DataFrame, ratings: pd.DataFrame, fail_values: Itera
     (``sheet``, ``<file>:<line>`` or ``''``), ``rater``, ``rating_time``, ``rating_note`` and ``fail``
     (nullable boolean from ``fail_values``/``pass_values``; a label in neither list is ``<NA>``)."""
     from .evaluate import map_ratings
-    from .reporting import rating_mapping
+    from ..report.stage import rating_mapping
 
     out = cohort.copy()
     lab = out["label"].fillna("").astype(str).str.strip() if "label" in out else pd.Series("", index=out.index)
@@ -458,7 +458,7 @@ def calibrate_cohort(scores: pd.DataFrame, ratings_paths: Sequence[str | Path], 
 
     Ratings files are read and checked first (:func:`read_ratings`), against the cohort's volume ids."""
     from .evaluate import evaluate_flags
-    from .reporting import join_iqms
+    from ..report.stage import join_iqms
 
     ratings = read_ratings(ratings_paths, known_ids=scores["volume_id"].astype(str))
     merged = merge_labels(scores, ratings, fail_values, pass_values)
@@ -518,8 +518,8 @@ def calibrate_cohort(scores: pd.DataFrame, ratings_paths: Sequence[str | Path], 
 
 def metrics_markdown(res: Mapping) -> str:
     """``results/calibration/metrics.md``: status, thresholds and label counts per site, cross-validated metrics."""
-    from .report import markdown_table
-    from .reporting import ci_cell as cell
+    from ..report.figures import markdown_table
+    from ..report.stage import ci_cell as cell
 
     L = ["# Calibration against the manual ratings", "", f"Status: {res['status']}.", "",
          "Ratings → fail with labels.fail_values / labels.pass_values; a rating in neither list (by default "
@@ -548,8 +548,8 @@ def write_calibration(scores: pd.DataFrame, ratings_paths: Sequence[str | Path],
     """Run :func:`calibrate_cohort` and write ``out['model']`` (JSON), ``out['thresholds']``,
     ``out['labels']`` (TSV), ``out['metrics']`` (TSV), ``out['markdown']``, ``out['cohort']`` (Parquet) and
     ``out['tsv']`` (the cohort table as TSV). ``provenance`` (input hashes) goes into the model JSON."""
-    from .provenance import write_parquet
-    from .shards import COLUMN_DOCS as SCORE_DOCS, export_tsv
+    from ..provenance import write_parquet
+    from ..shards import COLUMN_DOCS as SCORE_DOCS, export_tsv
 
     res = calibrate_cohort(scores, ratings_paths, list(fail_values), list(pass_values), iqm_tables, **kw)
     extra = {"status": res["status"], "fail_values": list(fail_values), "pass_values": list(pass_values),

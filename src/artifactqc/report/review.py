@@ -5,7 +5,7 @@ inside one JSON block, decoded only when its volume is shown), so it opens from 
 the unpacked ``report.zip`` or from a mail attachment alike. What the reviewer sees per volume:
 
 * an orthogonal **mosaic** of the scorer's own slices (:func:`render_mosaic`: the encoder's slice
-  extraction, :func:`artifactqc.slices.extract_slices` with the model's ``SliceConfig``; rows sagittal,
+  extraction, :func:`artifactqc.encoder.slices.extract_slices` with the model's ``SliceConfig``; rows sagittal,
   coronal, axial in canonical RAS orientation, superior/anterior up, patient's right on the right);
 * the **score** with the review threshold, the **five per-artifact severities** as bars, the score's
   **percentile within its site**, the **density flags** (τ flags and ``density_pct``), the calibrated
@@ -22,7 +22,7 @@ scale: each rating there teaches the model the most), then the rated ones.
 Keyboard: 1 accept, 2 doubtful, 3 exclude (then the next volume), → / ↓ / j next, ← / ↑ / k previous,
 n the note field (Esc leaves it). Ratings live in the browser's ``localStorage`` (per page storage key),
 survive reloads, and export as the TSV ``volume_id, rating, note, rater, time`` that
-:func:`artifactqc.calibrate.read_ratings` reads back (config ``labels.ratings``). Ratings already given
+:func:`artifactqc.qc.calibrate.read_ratings` reads back (config ``labels.ratings``). Ratings already given
 (sheet labels, earlier ratings files) are shown as rated and included in an export.
 """
 
@@ -87,7 +87,7 @@ def mosaic_from_slices(slices: np.ndarray, slices_per_axis: int, per_axis: int =
 def render_mosaic(path, slice_cfg, per_axis: int = 3, tile_px: int = 96, quality: int = 80,
                   max_mem_mb: float = 4096.0) -> tuple[bytes, int, int]:
     """JPEG bytes, width and height of a volume's mosaic (:func:`mosaic_from_slices`)."""
-    from .slices import extract_slices
+    from ..encoder.slices import extract_slices
 
     sl, _ = extract_slices(path, slice_cfg, max_mem_mb=max_mem_mb)
     img = mosaic_from_slices(sl, slice_cfg.slices_per_axis, per_axis, tile_px)
@@ -98,7 +98,7 @@ def shard_mosaics(volumes: pd.DataFrame, model_dir, per_axis: int = 3, tile_px: 
                   max_mem_mb: float = 4096.0) -> pd.DataFrame:
     """Mosaics of an ingest shard's ok volumes (``MOSAIC_COLUMNS``); a volume that cannot be drawn gets an
     empty mosaic and the reason, never stops the shard."""
-    from .slices import SliceConfig
+    from ..encoder.slices import SliceConfig
 
     cfg = SliceConfig.from_dict(json.loads((Path(model_dir) / "model.json").read_text()).get("slices", {}))
     rows = []
@@ -225,7 +225,7 @@ def page_records(scores: pd.DataFrame, mosaics: pd.DataFrame, threshold: float =
 
 
 def _template() -> str:
-    return resources.files("artifactqc").joinpath("review_page.html").read_text(encoding="utf-8")
+    return resources.files("artifactqc.report").joinpath("review_page.html").read_text(encoding="utf-8")
 
 
 def render_page(records: Sequence[Mapping], rulers: Mapping[str, str], *, title: str = "artifactqc review",
