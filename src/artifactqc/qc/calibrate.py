@@ -23,9 +23,9 @@ module turns them into a probability of failure per volume, ``p_fail``, and a ca
 4. **Thresholds**: the global threshold on ``p_fail`` maximises balanced accuracy on inner
    cross-validated predictions of the training labels; a site with rated fails and passes gets its own
    balanced-accuracy threshold, shrunk towards the global one with weight ``n_site / (n_site + prior_n)``.
-5. **Evaluation** (:func:`cross_validate`): stratified K-fold over the rated volumes; each fold refits
-   scalers-independent model *and* thresholds on the other folds, so no volume is evaluated by a model or
-   threshold fitted on it. Metrics (sensitivity, specificity, balanced accuracy, AUROC, stratified
+5. **Evaluation** (:func:`cross_validate`): stratified K-fold over the rated volumes; the model *and* its
+   thresholds are refitted on the other folds' ratings (the scalers use no ratings), so no volume is judged
+   by a model or threshold fitted on its own rating. Metrics (sensitivity, specificity, balanced accuracy, AUROC, stratified
    bootstrap CIs) come from :func:`artifactqc.qc.evaluate.evaluate_flags`.
 
 The fitted model is saved as JSON (:meth:`Calibration.to_json`): feature names and scaling kinds, the
@@ -519,7 +519,7 @@ def calibrate_cohort(scores: pd.DataFrame, ratings_paths: Sequence[str | Path], 
 def metrics_markdown(res: Mapping) -> str:
     """``results/calibration/metrics.md``: status, thresholds and label counts per site, cross-validated metrics."""
     from ..report.figures import markdown_table
-    from ..report.stage import ci_cell as cell
+    from ..report.stage import ci_cell
 
     L = ["# Calibration against the manual ratings", "", f"Status: {res['status']}.", "",
          "Ratings → fail with labels.fail_values / labels.pass_values; a rating in neither list (by default "
@@ -537,8 +537,8 @@ def metrics_markdown(res: Mapping) -> str:
               "|---|---|---:|---:|---|---|---|---|"]
 
         for _, r in m.iterrows():
-            L.append(f"| {r['scope']} | {r['metric']} | {int(r['n'])} | {int(r['n_fail'])} | {cell(r, 'sensitivity')} | "
-                     f"{cell(r, 'specificity')} | {cell(r, 'balanced_accuracy')} | {cell(r, 'auroc')} |")
+            L.append(f"| {r['scope']} | {r['metric']} | {int(r['n'])} | {int(r['n_fail'])} | {ci_cell(r, 'sensitivity')} | "
+                     f"{ci_cell(r, 'specificity')} | {ci_cell(r, 'balanced_accuracy')} | {ci_cell(r, 'auroc')} |")
     return "\n".join(L) + "\n"
 
 

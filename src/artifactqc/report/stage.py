@@ -289,15 +289,13 @@ def label_markdown(table: pd.DataFrame) -> str:
     """Markdown table ``metric | kind | n | n_fail | sensitivity [CI] | specificity [CI] | balanced acc. [CI] |
     AUROC [CI] | direction``; continuous metrics show the oriented AUROC (max(AUROC, 1 − AUROC)) and which
     end means fail."""
-    cell = ci_cell
-
     lines = ["| metric | kind | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC | direction |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in table.iterrows():
         cont = r["kind"] == "score" and "auroc_oriented" in r
-        auc = cell(r, "auroc_oriented" if cont else "auroc")
+        auc = ci_cell(r, "auroc_oriented" if cont else "auroc")
         lines.append(f"| {r['metric']} | {r['kind']} | {int(r['n'])} | {int(r['n_fail'])} | "
-                     + " | ".join(cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy"))
+                     + " | ".join(ci_cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy"))
                      + f" | {auc} | {r.get('direction', '') if cont else ''} |")
     cal = ("`flagged_calibrated_cv` and `p_fail_cv` are the calibrated flag and probability (results/calibration/), "
            "out-of-fold: each rated volume judged by a calibration fitted without its rating; compare them with "
