@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -198,6 +199,22 @@ def test_review_page_rate_reload_export_calibrate(tmp_path, model_dir):
     assert data["calibrated"] is True
     unrated = [v for v in data["volumes"] if not v["label"]]
     assert [v["id"] for v in data["volumes"][:len(unrated)]] == [v["id"] for v in unrated]  # unrated first
+
+    # the page opens from the unpacked report zip too (it is a report item; self-contained)
+    run(tmp_path, "--report", str(tmp_path / "report.zip"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:
+        z.extractall(tmp_path / "unzipped")
+    copies = [p for p in (tmp_path / "unzipped").rglob("index.html") if "artifactqcReady" in p.read_text()]
+    assert len(copies) == 1, list((tmp_path / "unzipped").rglob("*.html"))
+    driver = chrome()
+    try:
+        driver.get(copies[0].as_uri())
+        wait_for(lambda: driver.execute_script("return window.artifactqcReady === true"), what="page from the zip")
+        assert driver.find_element(By.ID, "progress").text == f"7 of {len(ids)} rated"  # the exported ratings
+        wait_for(lambda: driver.execute_script("return document.getElementById('mosaic').naturalWidth > 0"),
+                 what="the mosaic to decode")
+    finally:
+        driver.quit()
 
     # more ratings: only the calibration and the tables built on it rerun
     with ratings.open("a") as f:
