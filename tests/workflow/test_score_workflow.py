@@ -90,7 +90,9 @@ def test_scores_failures_identical_reruns_and_new_site(tmp_path, model_dir):
     jobs = planned_jobs(first, *config_args(first))
     # the MRIQC comparison is a report built on the cohort table, like the figures: it reruns per contrast
     per_shard = {(rule, wc) for rule, wc in jobs if wc and rule != "compare_simulate"}
-    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard")}, jobs
+    # (and the review page's mosaics of that shard only)
+    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard",
+                                                         "review_mosaics")}, jobs
     rules = {rule for rule, _ in jobs}
     assert {"ingest", "cohort_scores"} <= rules  # the cohort gathers (and the report built on them) rerun
     assert not rules & {"fit_flow", "reference_manifest", "train_encoder", "select_training", "n4", "superres"}, rules
