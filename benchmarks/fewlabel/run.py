@@ -4,7 +4,7 @@ Reads the mriqc-learn tables (../shared/data/qc_labels/mriqc-learn/mriqc_learn/d
 MRIQC's IQMs and the raters' decisions (fail = rating -1 "exclude"; 0 doubtful and 1 accept = pass, as in
 benchmarks/mriqc_learn_auroc). The calibration is artifactqc.qc.calibrate (site-robust scaling over every
 scan of a site, L2 logistic regression, balanced-accuracy thresholds shrunk per site); the metrics and
-bootstrap CIs are artifactqc.evaluate's.
+bootstrap CIs are artifactqc.qc.evaluate's.
 
     .venv/bin/python benchmarks/fewlabel/run.py [--data DIR] [--draws 10] [--n-boot 1000]
 
@@ -265,7 +265,7 @@ def main(argv=None):
          "## ABIDE leave-one-site-out: the k-curve", "",
          "Per-site: mean over draws per site, then mean ± sd across sites (sites with both classes in the rest "
          "for AUROC). Pooled: all held-out sites' predictions together, AUROC / balanced accuracy with stratified "
-         "bootstrap 95 % CIs (`artifactqc.evaluate.evaluate_flags`), median over draws.", "",
+         "bootstrap 95 % CIs (`artifactqc.qc.evaluate.evaluate_flags`), median over draws.", "",
          "| k | sites | per-site AUROC | per-site balanced acc. | per-site accuracy | pooled AUROC [95% CI] | pooled balanced acc. [95% CI] | pooled accuracy |",
          "|---:|---:|---|---|---|---|---|---|"]
     pk = pool.set_index("k")
