@@ -130,6 +130,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p_ev.add_argument("-o", "--output", required=True, help="output .parquet/.tsv (a .md beside it is also written)")
     p_ev.set_defaults(func=_cmd_evaluate)
 
+    p_rt = sub.add_parser("check-ratings", help="check ratings TSVs (review page exports) before a run")
+    p_rt.add_argument("ratings", nargs="+", help="ratings files: volume_id, rating, note, rater, time")
+    p_rt.add_argument("--cohort", default="", help="cohort table (.parquet/.tsv) whose volume_ids the ratings must name")
+    p_rt.set_defaults(func=_cmd_check_ratings)
+
     # (add new subcommands above this line)
     return parser
 
@@ -307,6 +312,19 @@ def _cmd_evaluate(args) -> int:
     res = evaluate_flags(df, "_fail", flags, scores, n_boot=args.n_boot, seed=args.seed)
     _write_table(res, args.output)
     Path(args.output).with_suffix(".md").write_text(to_markdown(res))
+    return 0
+
+
+def _cmd_check_ratings(args) -> int:
+    from .qc.calibrate import RatingsError, read_ratings
+
+    known = _read_table(args.cohort)["volume_id"].astype(str) if args.cohort else None
+    try:
+        r = read_ratings(args.ratings, known_ids=known)
+    except RatingsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{len(r)} rated volumes: " + ", ".join(f"{k} {v}" for k, v in r["rating"].value_counts().items()))
     return 0
 
 

@@ -89,12 +89,18 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     table = pd.read_parquet(rep / "label_metrics.parquet")
     iqms = pd.read_parquet(tmp_path / "results/iqm/cohort.parquet")
     assert sorted(iqms["volume_id"]) == sorted(v for v in cohort.index if v != "B-9")
-    assert list(table["metric"])[:5] == ["score>1", "flag_tau5", "flag_tau3", "flagged", "score"]
-    assert set(table["metric"][5:]) <= set(stage.EVAL_IQMS)
-    assert list(table["kind"]) == ["flag"] * 4 + ["score"] * (len(table) - 4)
-    flags_and_score = table.iloc[:5]
+    # the calibrated flag and probability (out-of-fold) sit next to the raw ones; with 2 fails the calibration
+    # is fitted, but no fold keeps 2 fails to refit on, so they have no out-of-fold values (n = 0)
+    assert list(table["metric"])[:7] == ["score>1", "flag_tau5", "flag_tau3", "flagged", "flagged_calibrated_cv",
+                                         "score", "p_fail_cv"]
+    assert set(table["metric"][7:]) <= set(stage.EVAL_IQMS)
+    assert list(table["kind"]) == ["flag"] * 5 + ["score"] * (len(table) - 5)
+    flags_and_score = table.iloc[[0, 1, 2, 3, 5]]
     assert (flags_and_score["n"] == 7).all() and (flags_and_score["n_fail"] == 2).all()
     assert (flags_and_score["n_pass"] == 5).all()
+    assert (table.iloc[[4, 6]]["n"] == 0).all()
+    calibration = (tmp_path / "results/calibration/model.json").read_text()
+    assert '"status": "fitted on 7 rated volumes (2 fail)' in calibration
     # independent check of the score > 1 row from the cohort table
     fail = {f"{s}-{i}": lab == "fail" for s, labs in LABELS.items() for i, lab in enumerate(labs) if lab != "doubtful"}
     pred = {v: bool(cohort.loc[v, "score"] > 1.0) for v in fail}
@@ -127,4 +133,5 @@ def test_no_labels_no_label_evaluation(tmp_path, model_dir):
     res = run(tmp_path, "-n")
     out = res.stdout + res.stderr
     assert "rule report_figures" in out
-    assert "evaluate_labels" not in out
+    assert "evaluate_labels" not in out and "rule calibrate" not in out
+    assert "rule review:" in out

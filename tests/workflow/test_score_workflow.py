@@ -61,7 +61,9 @@ def add_site_d_only_its_shards_planned(workdir, rows, contrast):
     jobs = planned_jobs(workdir, *config_args(workdir))
     # the MRIQC comparison is a report built on the cohort table, like the figures: it reruns per contrast
     per_shard = {(rule, wc) for rule, wc in jobs if wc and rule != "compare_simulate"}
-    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard")}, jobs
+    # (and the review page's mosaics of that shard only)
+    assert per_shard == {(r, "site=D, part=0") for r in ("ingest_shard", "score_shard", "density_shard",
+                                                         "review_mosaics")}, jobs
     return jobs
 
 

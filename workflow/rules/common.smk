@@ -220,8 +220,22 @@ def write_run_record(status):
 
 
 def has_labels():
-    """The cohort sheet carries manual ratings: the label evaluation joins the DAG."""
-    return bool((COHORT["label"].fillna("").astype(str).str.strip() != "").any())
+    """Manual ratings exist (the sheet's `label` column or labels.ratings files): the calibration and the
+    label evaluation join the DAG."""
+    return bool(config["labels"]["ratings"]) or bool((COHORT["label"].fillna("").astype(str).str.strip() != "").any())
+
+
+#: The cohort table with the merged ratings, p_fail and flagged_calibrated (rule calibrate, which
+#: report.smk's label evaluation reads before calibrate.smk is included).
+CALIBRATED_COHORT = "results/calibration/cohort.parquet"
+
+
+def rated_scores():
+    """The cohort table the label evaluation and the review page read: the calibrated one (with the
+    merged ratings, p_fail, flagged_calibrated) when ratings exist, else the scores."""
+    if has_labels():
+        return CALIBRATED_COHORT
+    return rules.cohort_scores.output.parquet
 
 
 def iqms_enabled():
@@ -248,6 +262,7 @@ def final_targets():
         if config["compare"]["enabled"]:
             targets += list(rules.compare_mriqc.output)
         if has_labels():
-            targets += list(rules.evaluate_labels.output)
+            targets += list(rules.calibrate.output) + list(rules.evaluate_labels.output)
+        targets += list(rules.review.output)
     targets += iqm_tables()
     return targets

@@ -107,7 +107,7 @@ rule import_mriqc:
 
 rule evaluate_labels:
     input:
-        scores=rules.cohort_scores.output.parquet,
+        scores=rated_scores(),
         iqms=iqm_tables(),
     output:
         table="results/report/label_metrics.parquet",

@@ -214,6 +214,9 @@ def label_frame(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterab
     flags = [score_flag] + [c for c in (tau_column(t) for t in taus) if c in df.columns] + ["flagged"]
     for c in flags:
         df[c] = df[c].astype(bool)
+    if "flagged_calibrated_cv" in df:  # out-of-fold calibrated flag (artifactqc.qc.calibrate); NA where not judged
+        df["flagged_calibrated_cv"] = df["flagged_calibrated_cv"].astype("Float64").astype(float)
+        flags.append("flagged_calibrated_cv")
     return df, flags
 
 
@@ -258,11 +261,13 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
 
     scores, iqm_cols = join_iqms(scores, iqm_tables)
     df, flags = label_frame(scores, fail_values, pass_values, taus, threshold)
-    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score", *iqm_cols], n_boot=n_boot, seed=seed)
+    calibrated = ["p_fail_cv"] if "p_fail_cv" in df else []
+    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score", *calibrated, *iqm_cols], n_boot=n_boot,
+                           seed=seed)
     table.insert(2, "n_pass", table["n"] - table["n_fail"])
     curves = {}
     dfn = df.assign(**{c: df[c].astype(float) for c in flags})
-    roc = roc_curves(dfn, "fail", ["score"] + flags)
+    roc = roc_curves(dfn, "fail", ["score", *calibrated] + flags)
     for _, r in table.iterrows():
         pts = roc[roc["metric"] == r["metric"]]
         if len(pts):
@@ -271,26 +276,31 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
     return table, curves
 
 
+def ci_cell(r, name: str) -> str:
+    """``0.91 [0.85, 0.96]`` from a row's ``name``, ``name_lo``, ``name_hi`` (no CI when it is NaN; '' for NaN)."""
+    v = r[name]
+    if not np.isfinite(v):
+        return ""
+    lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
+
+
 def label_markdown(table: pd.DataFrame) -> str:
     """Markdown table ``metric | kind | n | n_fail | sensitivity [CI] | specificity [CI] | balanced acc. [CI] |
     AUROC [CI] | direction``; continuous metrics show the oriented AUROC (max(AUROC, 1 − AUROC)) and which
     end means fail."""
-    def cell(r, name):
-        v = r[name]
-        if not np.isfinite(v):
-            return ""
-        lo, hi = r[f"{name}_lo"], r[f"{name}_hi"]
-        return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) else f"{v:.2f}"
-
     lines = ["| metric | kind | n | n_fail | sensitivity | specificity | balanced accuracy | AUROC | direction |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in table.iterrows():
         cont = r["kind"] == "score" and "auroc_oriented" in r
-        auc = cell(r, "auroc_oriented" if cont else "auroc")
+        auc = ci_cell(r, "auroc_oriented" if cont else "auroc")
         lines.append(f"| {r['metric']} | {r['kind']} | {int(r['n'])} | {int(r['n_fail'])} | "
-                     + " | ".join(cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy"))
+                     + " | ".join(ci_cell(r, n) for n in ("sensitivity", "specificity", "balanced_accuracy"))
                      + f" | {auc} | {r.get('direction', '') if cont else ''} |")
+    cal = ("`flagged_calibrated_cv` and `p_fail_cv` are the calibrated flag and probability (results/calibration/), "
+           "out-of-fold: each rated volume judged by a calibration fitted without its rating; compare them with "
+           "the raw `flagged` and `score` rows.\n\n") if table["metric"].astype(str).str.contains("calibrated").any() else ""
     return ("Label evaluation (positive class = fail; 95 % stratified bootstrap CIs in brackets). For the "
             "continuous score and the IQMs the AUROC is oriented (max(AUROC, 1 - AUROC)); `direction` says "
-            "whether high or low values go with fail.\n\n"
+            "whether high or low values go with fail.\n\n" + cal
             + "\n".join(lines) + "\n")
