@@ -56,8 +56,14 @@ COLUMN_DOCS = {
 }
 
 
-def _model_meta(model_dir: str | Path) -> dict:
-    return json.loads((Path(model_dir) / "model.json").read_text())
+def model_identity(model_dir: str | Path, info: dict) -> dict:
+    """``{"model_id", "model_sha256"}`` of the encoder loaded from ``model_dir`` with model.json ``info``:
+    its id and the sha256 of its weights file (verified against model.json by
+    :func:`artifactqc.model.load_model`; hashed here when model.json does not record it)."""
+    from .io import sha256_file
+
+    sha = info.get("weights_sha256") or sha256_file(Path(model_dir) / info.get("weights_file", "encoder.safetensors"))
+    return {"model_id": str(info.get("model_id") or Path(model_dir).name), "model_sha256": sha}
 
 
 def score_shard(
@@ -74,10 +80,12 @@ def score_shard(
     ``rows`` has one row per volume of the shard, ingested or not, in sheet order of the
     ingested ones followed by the ingest failures.
     """
+    from .model import load_model
     from .score import score_volumes
 
-    meta = _model_meta(model_dir)
-    raw = score_volumes(model_dir, volumes["path"].tolist(), batch_size=batch_size, device=device, threads=threads)
+    model = load_model(model_dir, device=device)
+    identity = model_identity(model_dir, model.model_info)
+    raw = score_volumes(model, volumes["path"].tolist(), batch_size=batch_size, device=device, threads=threads)
     raw = raw.drop(columns=["path"])
     ids = volumes[[c for c in ID_COLUMNS if c in volumes.columns]].reset_index(drop=True)
     rows = pd.concat([ids, raw.reset_index(drop=True)], axis=1)
@@ -102,8 +110,8 @@ def score_shard(
             }
         )
         rows = pd.concat([rows, extra], ignore_index=True)
-    rows["model_id"] = meta.get("model_id", "")
-    rows["model_sha256"] = meta.get("weights_sha256") or meta.get("sha256") or ""
+    rows["model_id"] = identity["model_id"]
+    rows["model_sha256"] = identity["model_sha256"]
     for c in ID_COLUMNS:
         if c in rows.columns:
             rows[c] = rows[c].fillna("").astype(str)
@@ -117,11 +125,42 @@ def add_density(rows: pd.DataFrame, flow_dir: str | Path, *, taus=(5, 3), rule: 
     from .density import load_flow, score_table
 
     flow = load_flow(flow_dir)
+    check_flow_encoder(rows, flow_dir)
     out = score_table(rows, flow, taus=taus, rule=rule, score_threshold=score_threshold)
     out["config_sha256"] = config_sha256
     out["artifactqc_version"] = __version__
     out["code_version"] = code_version()
     return out
+
+
+class FlowEncoderMismatch(ValueError):
+    """Score rows and a flow made with different encoders: their latents are not comparable."""
+
+
+def flow_encoder(flow_dir: str | Path) -> dict:
+    """``{"model_id", "model_sha256"}`` of the encoder whose latents the flow was fitted on (flow.json)."""
+    meta = json.loads((Path(flow_dir) / "flow.json").read_text())
+    return {"model_id": meta.get("model_id"), "model_sha256": meta.get("model_sha256")}
+
+
+def check_flow_encoder(rows: pd.DataFrame, flow_dir: str | Path) -> None:
+    """Raise :class:`FlowEncoderMismatch` unless every scored row comes from the encoder the flow was
+    fitted on (flow.json's ``model_sha256``; a flow that does not record it is refused too)."""
+    enc = flow_encoder(flow_dir)
+    scored = rows.loc[rows["status"] == "ok", "model_sha256"].astype(str)
+    if not enc["model_sha256"]:
+        raise FlowEncoderMismatch(
+            f"{Path(flow_dir) / 'flow.json'}: records no model_sha256, so the encoder it was fitted on is unknown; "
+            "refit it (delete the folder, or use a new flow.id)"
+        )
+    other = sorted(set(scored) - {enc["model_sha256"]})
+    if other:
+        raise FlowEncoderMismatch(
+            f"{Path(flow_dir) / 'flow.json'}: fitted on the latents of encoder {enc['model_id']} "
+            f"(sha256 {enc['model_sha256'][:12]}…) but {int(scored.isin(other).sum())} row(s) were scored by "
+            f"another encoder (sha256 {other[0][:12]}…); their densities would be meaningless. Fit a flow for "
+            "that encoder (a new model.id gets its own flow folder)"
+        )
 
 
 def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference: int = 20) -> pd.DataFrame:
@@ -141,8 +180,9 @@ def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference
 
 def export_tsv(cohort: pd.DataFrame, path: str | Path) -> None:
     """A flat TSV keyed by ``volume_id`` / ``bids_name`` (lists and NaN written plainly)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    cohort.to_csv(path, sep="\t", index=False, na_rep="NA", float_format="%.6g")
+    from .atomic import write_tsv
+
+    write_tsv(cohort, path, na_rep="NA", float_format="%.6g")
 
 
 def write_reference_manifest(volumes_parquet: str | Path, out: str | Path, explicit: str | Path | None = None) -> pd.DataFrame:
@@ -161,22 +201,35 @@ def write_reference_manifest(volumes_parquet: str | Path, out: str | Path, expli
         ref = volumes[volumes["volume_id"].isin(set(ids["volume_id"]))]
     else:
         ref = volumes
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    ref.to_csv(out, sep="\t", index=False)
+    from .atomic import write_tsv
+
+    write_tsv(ref, out)
     log.info("reference manifest: %d volumes from %d sites -> %s", len(ref), ref["site"].nunique(), out)
     return ref
 
 
 def fit_flow_for_reference(scores: pd.DataFrame, reference_tsv: str | Path, weights_out: str | Path, *,
-                           flow_id: str, **fit_kwargs) -> Path:
-    """Fit the density flow on the reference volumes' latents and save it beside ``weights_out``."""
+                           flow_id: str, model_dir: str | Path, **fit_kwargs) -> Path:
+    """Fit the density flow on the reference volumes' latents and save it beside ``weights_out``.
+
+    ``model_dir`` is the encoder that scored the rows: its id and weights sha256 go into ``flow.json``, and
+    reference rows scored by any other encoder are an error (:class:`FlowEncoderMismatch`)."""
     from .density import fit_flow_from_table
     from .io import sha256_file
 
+    encoder = model_identity(model_dir, {k: v for k, v in json.loads((Path(model_dir) / "model.json").read_text()).items()
+                                         if k != "weights_sha256"})
     ref = pd.read_csv(reference_tsv, sep="\t", dtype=str)
+    in_ref = scores["volume_id"].isin(set(ref["volume_id"])) & (scores["status"] == "ok")
+    stale = sorted(set(scores.loc[in_ref, "model_sha256"].astype(str)) - {encoder["model_sha256"]})
+    if stale:
+        raise FlowEncoderMismatch(
+            f"{reference_tsv}: reference rows were scored by encoder sha256 {stale[0][:12]}…, not by "
+            f"{model_dir} ({encoder['model_sha256'][:12]}…); rescore them before fitting the flow"
+        )
     flow = fit_flow_from_table(
         scores, reference_ids=ref["volume_id"].tolist(), reference_sha256=sha256_file(reference_tsv),
         flow_id=flow_id, **fit_kwargs,
     )
     used = sorted(scores.loc[(scores["status"] == "ok") & scores["volume_id"].isin(set(ref["volume_id"])), "volume_id"])
-    return flow.save(Path(weights_out).parent, extra={"reference_volume_ids": used})
+    return flow.save(Path(weights_out).parent, extra={"reference_volume_ids": used, **encoder})
