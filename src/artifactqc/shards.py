@@ -74,11 +74,14 @@ def score_shard(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    sheet_rows: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score the ingested volumes of one shard; returns ``(rows, score_failures)``.
 
     ``rows`` has one row per volume of the shard, ingested or not, in sheet order of the
-    ingested ones followed by the ingest failures.
+    ingested ones followed by the ingest failures. ``sheet_rows`` (the shard's cohort rows) give every
+    row, failed ones included, its sheet identity (site, subject, session, contrast, ...) and the sheet's
+    extra columns (after the provenance columns; one named like a score column gets a ``sheet_`` prefix).
     """
     from .model import load_model
     from .score import score_volumes
@@ -94,9 +97,10 @@ def score_shard(
     rows["input_sha256"] = volumes["sha256"].to_numpy()
     failed = rows[rows["status"] != "ok"]
     score_fails = failures_frame(
-        (r.volume_id, r.path, "score", r.error.split(": ", 2)[1] if r.error.count(": ") >= 2 else "score_error",
-         r.error.split(": ", 2)[-1])
-        for r in failed.itertuples()
+        ((r.volume_id, r.path, "score", r.error.split(": ", 2)[1] if r.error.count(": ") >= 2 else "score_error",
+          r.error.split(": ", 2)[-1])
+         for r in failed.itertuples()),
+        sites=zip(rows["volume_id"], rows["site"]),
     )
     if len(ingest_failures):
         lost = ingest_failures.rename(columns={"message": "_msg"})
@@ -112,11 +116,34 @@ def score_shard(
         rows = pd.concat([rows, extra], ignore_index=True)
     rows["model_id"] = identity["model_id"]
     rows["model_sha256"] = identity["model_sha256"]
+    if sheet_rows is not None and len(sheet_rows):
+        rows = with_sheet_columns(rows, sheet_rows)
     for c in ID_COLUMNS:
         if c in rows.columns:
             rows[c] = rows[c].fillna("").astype(str)
     rows["n_slices"] = rows["n_slices"].fillna(0).astype("int64")
     return rows, score_fails
+
+
+def with_sheet_columns(rows: pd.DataFrame, sheet_rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with each volume's sheet identity filled in where empty (a volume that failed at ingest has
+    only its id and path) and the sheet's extra columns appended."""
+    from .cohort import COHORT_COLUMNS
+
+    sheet = sheet_rows.drop_duplicates("volume_id").set_index("volume_id")
+    rows = rows.copy()
+    for c in ID_COLUMNS:
+        if c in sheet.columns and c != "path":
+            known = rows["volume_id"].map(sheet[c])
+            if c in rows.columns:
+                empty = rows[c].isna() | (rows[c].astype(str) == "")
+                rows.loc[empty, c] = known[empty]
+            else:
+                rows[c] = known
+    for c in [c for c in sheet.columns if c not in COHORT_COLUMNS]:
+        name = c if c not in rows.columns and c not in COLUMN_DOCS else f"sheet_{c}"
+        rows[name] = rows["volume_id"].map(sheet[c]).fillna("").astype(str)
+    return rows
 
 
 def add_density(rows: pd.DataFrame, flow_dir: str | Path, *, taus=(5, 3), rule: str, score_threshold: float,
@@ -188,9 +215,11 @@ def export_tsv(cohort: pd.DataFrame, path: str | Path) -> None:
 def write_reference_manifest(volumes_parquet: str | Path, out: str | Path, explicit: str | Path | None = None) -> pd.DataFrame:
     """Freeze the flow's reference: ``explicit`` (a TSV with a ``volume_id`` column) or every ingested volume.
 
-    Ids of an explicit manifest that are not in the ingested volumes are an error naming them.
+    Ids of an explicit manifest that are not in the ingested volumes are an error naming them. A volume
+    whose bytes duplicate an earlier one (``duplicate_of``) is left out: its first copy is in, and the flow's
+    reference density must not count one image twice.
     """
-    volumes = pd.read_parquet(volumes_parquet, columns=["volume_id", "site"])
+    volumes = pd.read_parquet(volumes_parquet, columns=["volume_id", "site", "duplicate_of"])
     if explicit:
         ids = pd.read_csv(explicit, sep="\t", dtype=str)
         if "volume_id" not in ids.columns:
@@ -198,9 +227,11 @@ def write_reference_manifest(volumes_parquet: str | Path, out: str | Path, expli
         unknown = sorted(set(ids["volume_id"]) - set(volumes["volume_id"]))
         if unknown:
             raise ValueError(f"{explicit}: {len(unknown)} reference volume_id(s) were not ingested, e.g. {unknown[:5]}")
-        ref = volumes[volumes["volume_id"].isin(set(ids["volume_id"]))]
-    else:
-        ref = volumes
+        volumes = volumes[volumes["volume_id"].isin(set(ids["volume_id"]))]
+    copies = volumes["duplicate_of"].fillna("").astype(str) != ""
+    if copies.any():
+        log.info("reference manifest: %d duplicate-content copies left out (their first copy is in)", int(copies.sum()))
+    ref = volumes.loc[~copies, ["volume_id", "site"]]
     from .atomic import write_tsv
 
     write_tsv(ref, out)
