@@ -214,8 +214,10 @@ class FlowModel:
         weights = d / FLOW_WEIGHTS
         from .atomic import atomic_path
 
+        # one metadata key only: safetensors writes the metadata map in arbitrary order, so a second key made
+        # the bytes (and flow_sha256 in every score row) of identical flows differ between runs
         with atomic_path(weights) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "artifactqc-flow", "flow_id": self.flow_id})
+            save_file(tensors, str(tmp), metadata={"format": "artifactqc-flow"})
         from .io import sha256_file
 
         self.sha256 = sha256_file(weights)

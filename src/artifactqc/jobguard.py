@@ -72,14 +72,15 @@ def exit_when_orphaned(interval: float = 2.0, on_exit=None) -> threading.Thread:
 
     def watch():
         while True:
-            time.sleep(interval)
-            if not _alive(watched):
+            # a parent of 1 (init) means the run died before this job got here (imports take seconds)
+            if watched <= 1 or not _alive(watched):
                 log.error("the run that started this job (pid %d) is gone: stopping", watched)
                 if on_exit is not None:
                     with contextlib.suppress(Exception):
                         on_exit()
                 logging.shutdown()
                 os._exit(ORPHANED_EXIT)
+            time.sleep(interval)
 
     t = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
     t.start()

@@ -1,0 +1,94 @@
+"""Interrupted runs finish (issue 17, item 2) and workflow training is reproducible (item 4).
+
+Real runs of the whole workflow on ten real volumes with a tiny training budget are killed with SIGKILL
+at each frozen-manifest job and during training, each followed by `--unlock` and a rerun. Every attempt
+that exits 0 must leave every target present, and the final tables must equal, bit for bit, those of a
+run that was never interrupted (which also shows that training in the workflow is deterministic).
+
+Before the fix, a rerun after the kill at reference_manifest (or select_training) ran that job alone,
+said "1 of 1 steps (100%) done" and exited 0 without the flow and the cohort tables (or the model).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from . import faults
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+#: job -> (file written while it runs, kill the process group?); False kills snakemake alone, orphaning the
+#: running job, which must then stop by itself. Each attempt is killed at whichever point it reaches first.
+KILL_POINTS = {
+    "training_selection": ("results/training/selection.tsv", True),
+    "reference_manifest": ("results/flows/tiny/f1/reference.tsv", True),
+    "select_training": ("results/training/manifest.tsv", True),
+    "train_encoder": ("logs/models/tiny/train.log", False),
+}
+
+SCORE_COLUMNS = ["volume_id", "site", "subject", "contrast", "status", "error", "score", "severity_noise",
+                 "severity_ghosting", "severity_motion", "severity_bias", "severity_resolution", "latent_0",
+                 "log_density", "density_pct", "flagged", "model_sha256", "flow_sha256", "note"]
+
+
+def _scores(workdir: Path) -> pd.DataFrame:
+    return pd.read_parquet(workdir / "results/scores/cohort.parquet")[SCORE_COLUMNS].sort_values("volume_id")
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Same encoder and flow bytes, bit-identical score rows."""
+    for name in ("results/models/tiny/encoder.safetensors", "results/flows/tiny/f1/flow.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    sa, sb = _scores(a), _scores(b)
+    assert len(sa) == len(faults.COHORT) and sa["note"].str.startswith("n").all()
+    pd.testing.assert_frame_equal(sa.reset_index(drop=True), sb.reset_index(drop=True), check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, shared_data) -> Path:
+    """An uninterrupted run of the fault cohort."""
+    workdir = faults.setup(tmp_path_factory.mktemp("clean"), shared_data)
+    attempt = faults.run(workdir)
+    assert attempt.returncode == 0, attempt.output[-3000:]
+    assert faults.targets_present(workdir) == []
+    return workdir
+
+
+def test_killed_runs_finish_with_the_same_results(tmp_path, shared_data, clean_run):
+    killed_dir = faults.setup(tmp_path / "killed", shared_data)
+    hit = []
+    while len(hit) < len(KILL_POINTS):
+        todo = {trigger: (job, group) for job, (trigger, group) in KILL_POINTS.items() if job not in hit}
+        attempt = faults.run(killed_dir, kill_when=list(todo), group={t: g for t, (_, g) in todo.items()})
+        if not attempt.killed:  # the run got past the remaining points: it must be complete
+            assert attempt.returncode == 0, attempt.output[-3000:]
+            assert faults.targets_present(killed_dir) == [], attempt.output[-3000:]
+            break
+        job, group = todo[attempt.trigger]
+        hit.append(job)
+        if not group:  # the orphaned job must stop by itself within seconds
+            deadline = time.time() + 15
+            while faults.orphans(killed_dir) and time.time() < deadline:
+                time.sleep(0.2)
+            assert faults.orphans(killed_dir) == [], f"orphaned job still running after killing snakemake at {job}"
+        faults.unlock(killed_dir)
+        # the next attempt (killed at the next point, or the final rerun) must not report success early
+    assert {"reference_manifest", "select_training", "train_encoder"} <= set(hit), hit
+    reruns, attempts = faults.rerun_until_done(killed_dir)
+    assert reruns == 1, [a.output[-2000:] for a in attempts]
+    assert faults.targets_present(killed_dir) == [], attempts[-1].output[-3000:]
+    assert not list((killed_dir / "results/models/tiny").glob(".partial-*"))
+    assert_same_results(killed_dir, clean_run)
+
+
+def test_workflow_training_is_bit_identical(tmp_path, shared_data, clean_run):
+    """Two from-scratch runs with training, same seed and config (one thread): the same encoder bytes,
+    flow bytes and score rows (item 4)."""
+    again = faults.setup(tmp_path / "again", shared_data)
+    attempt = faults.run(again)
+    assert attempt.returncode == 0, attempt.output[-3000:]
+    assert_same_results(again, clean_run)
