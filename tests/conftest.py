@@ -37,8 +37,9 @@ def save_tiny_model(dest: Path, *, seed: int = 0, pixel_mm: float = 4.0, meta: d
     """A small, randomly initialised encoder saved through the package's checkpoint code (plumbing tests)."""
     import torch
 
-    from artifactqc.model import ArtifactEncoder, EncoderConfig, save_model
-    from artifactqc.slices import SliceConfig
+    from artifactqc.encoder.network import ArtifactEncoder, EncoderConfig
+    from artifactqc.encoder.checkpoint import save_model
+    from artifactqc.encoder.slices import SliceConfig
 
     torch.manual_seed(seed)
     model = ArtifactEncoder(EncoderConfig(widths=(8, 16), extra=(False, False), stem_width=4, hidden=16, latent_dim=2))

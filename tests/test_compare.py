@@ -1,4 +1,4 @@
-"""artifactqc.compare: the simulated evaluation set and the Table-2 analogue."""
+"""artifactqc.qc.compare: the simulated evaluation set and the Table-2 analogue."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
-from artifactqc import compare
-from artifactqc.model import load_model
-from artifactqc.score import score_volume
+from artifactqc.qc import compare
+from artifactqc.encoder.checkpoint import load_model
+from artifactqc.encoder.score import score_volume
 
 from .conftest import save_tiny_model
 from .test_iqm import _phantom

@@ -12,7 +12,9 @@ import torch
 from scipy.stats import multivariate_normal as mvn
 from scipy.stats import percentileofscore
 
-from artifactqc import density as D
+from artifactqc.density import fit as FIT
+from artifactqc.density import flags as FLAGS
+from artifactqc.density import flow as FLOW
 
 torch.set_num_threads(1)
 
@@ -38,7 +40,7 @@ def _mixture_logpdf(x):
 @pytest.fixture(scope="module")
 def mixture_flow():
     x = _mixture_sample(1200, seed=0)
-    return x, D.fit_flow(x, seed=0, **FAST)
+    return x, FIT.fit_flow(x, seed=0, **FAST)
 
 
 def test_mixture_log_density_matches_analytical(mixture_flow):
@@ -74,8 +76,8 @@ def test_affine_change_of_latents_shifts_log_density_by_log_det():
     # so log p must change by exactly -Σ log|a| up to float32 training noise
     x = _mixture_sample(300, seed=3)
     a, b = np.array([3.0, 0.25]), np.array([-7.0, 100.0])
-    f1 = D.fit_flow(x, seed=1, hidden=(16, 16), epochs=30, patience=30)
-    f2 = D.fit_flow(x * a + b, seed=1, hidden=(16, 16), epochs=30, patience=30)
+    f1 = FIT.fit_flow(x, seed=1, hidden=(16, 16), epochs=30, patience=30)
+    f2 = FIT.fit_flow(x * a + b, seed=1, hidden=(16, 16), epochs=30, patience=30)
     q = x[:50]
     diff = f2.log_density(q * a + b) - f1.log_density(q)
     assert np.allclose(diff, -np.log(a).sum(), atol=0.05), (diff.mean(), -np.log(a).sum())
@@ -86,11 +88,11 @@ def test_deterministic_for_a_seed_and_global_rng_untouched():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    f1 = D.fit_flow(x, seed=7, hidden=(16, 16), epochs=40)
+    f1 = FIT.fit_flow(x, seed=7, hidden=(16, 16), epochs=40)
     after = torch.rand(1)
     assert torch.equal(before, after)  # fit did not consume the global torch RNG
-    f2 = D.fit_flow(x, seed=7, hidden=(16, 16), epochs=40)
-    f3 = D.fit_flow(x, seed=8, hidden=(16, 16), epochs=40)
+    f2 = FIT.fit_flow(x, seed=7, hidden=(16, 16), epochs=40)
+    f3 = FIT.fit_flow(x, seed=8, hidden=(16, 16), epochs=40)
     np.testing.assert_array_equal(f1.log_density(x), f2.log_density(x))
     assert f1.flow_id == f2.flow_id
     assert not np.array_equal(f1.log_density(x), f3.log_density(x))
@@ -99,7 +101,7 @@ def test_deterministic_for_a_seed_and_global_rng_untouched():
 def test_small_cohort_ranks_planted_outlier_lowest():
     rng = np.random.default_rng(11)
     x = rng.normal(size=(24, 4))
-    f = D.fit_flow(x, seed=0, epochs=200)
+    f = FIT.fit_flow(x, seed=0, epochs=200)
     assert f.metrics["n_val"] >= 2 and f.metrics["noise_std_used"] > 0
     ld_in = f.log_density(rng.normal(size=(200, 4)))
     ld_out = f.log_density(np.full((1, 4), 5.0))
@@ -115,14 +117,14 @@ def test_refuses_nan_latents_and_tiny_reference():
     x = np.random.default_rng(0).normal(size=(20, 3))
     x[4, 1] = np.nan
     with pytest.raises(ValueError, match="status != 'ok'"):
-        D.fit_flow(x)
+        FIT.fit_flow(x)
     with pytest.raises(ValueError, match="at least"):
-        D.fit_flow(np.zeros((3, 2)))
+        FIT.fit_flow(np.zeros((3, 2)))
 
 
 def test_save_load_round_trip(tmp_path):
     x = np.random.default_rng(2).normal(size=(40, 3)) * 4 + 1
-    f = D.fit_flow(x, seed=0, hidden=(16, 16), epochs=20, reference_sha256="ab" * 32, latent_columns=["latent_0", "latent_1", "latent_2"])
+    f = FIT.fit_flow(x, seed=0, hidden=(16, 16), epochs=20, reference_sha256="ab" * 32, latent_columns=["latent_0", "latent_1", "latent_2"])
     f.save(tmp_path / "flow")
     meta = json.loads((tmp_path / "flow" / "flow.json").read_text())
     for key in ("flow_id", "config", "standardisation", "reference_manifest_sha256", "training_metrics",
@@ -131,7 +133,7 @@ def test_save_load_round_trip(tmp_path):
     import hashlib
 
     assert meta["weights_sha256"] == hashlib.sha256((tmp_path / "flow" / "flow.safetensors").read_bytes()).hexdigest()
-    g = D.load_flow(tmp_path / "flow")
+    g = FLOW.load_flow(tmp_path / "flow")
     q = np.random.default_rng(3).normal(size=(100, 3))
     np.testing.assert_array_equal(f.log_density(q), g.log_density(q))
     np.testing.assert_array_equal(f.reference_log_density, g.reference_log_density)
@@ -143,7 +145,7 @@ def test_save_load_round_trip(tmp_path):
     b[-1] ^= 0xFF
     (tmp_path / "flow" / "flow.safetensors").write_bytes(bytes(b))
     with pytest.raises(ValueError, match="sha256"):
-        D.load_flow(tmp_path / "flow")
+        FLOW.load_flow(tmp_path / "flow")
 
 
 def test_load_refuses_pickle(tmp_path):
@@ -151,31 +153,31 @@ def test_load_refuses_pickle(tmp_path):
     d.mkdir()
     torch.save({"a": torch.zeros(2)}, d / "flow.pt")
     with pytest.raises(ValueError, match="pickle"):
-        D.load_flow(d / "flow.pt")
+        FLOW.load_flow(d / "flow.pt")
     with pytest.raises(FileNotFoundError, match="pickle"):
-        D.load_flow(d)
+        FLOW.load_flow(d)
 
 
 def test_density_percentiles_hand_made():
     ref = [3.0, 1.0, 4.0, 2.0]
     v = [0.0, 1.0, 2.5, 4.0, 5.0, np.nan]
-    got = D.density_percentiles(ref, v)
+    got = FLOW.density_percentiles(ref, v)
     np.testing.assert_allclose(got[:5], [0.0, 12.5, 50.0, 87.5, 100.0])
     assert np.isnan(got[5])
     # ties count half: identical to scipy's percentileofscore(kind="mean")
     ref2 = np.array([1, 2, 2, 2, 3, 5, 5, 8], float)
     for s in (0, 1, 2, 2.5, 5, 8, 9):
-        assert D.density_percentiles(ref2, [s])[0] == pytest.approx(percentileofscore(ref2, s, kind="mean"))
+        assert FLOW.density_percentiles(ref2, [s])[0] == pytest.approx(percentileofscore(ref2, s, kind="mean"))
 
 
 def test_tau_flags_hand_made():
-    fl = D.tau_flags([2.0, 3.0, 4.9, 5.0, np.nan, 50.0], taus=(5, 3, 2.5))
+    fl = FLAGS.tau_flags([2.0, 3.0, 4.9, 5.0, np.nan, 50.0], taus=(5, 3, 2.5))
     assert set(fl) == {"flag_tau5", "flag_tau3", "flag_tau2.5"}
     assert fl["flag_tau5"].tolist() == [True, True, True, False, False, False]
     assert fl["flag_tau3"].tolist() == [True, False, False, False, False, False]
     assert fl["flag_tau2.5"].tolist() == [True, False, False, False, False, False]
     with pytest.raises(ValueError):
-        D.tau_flags([1.0], taus=(0,))
+        FLAGS.tau_flags([1.0], taus=(0,))
 
 
 def test_site_percentiles_with_pooled_fallback():
@@ -185,7 +187,7 @@ def test_site_percentiles_with_pooled_fallback():
     df = pd.DataFrame({"site": ["A"] * 25 + ["B"] * 4 + ["A"], "log_density": np.r_[a, b, np.nan]})
     df["in_reference"] = True
     df.loc[3, "in_reference"] = False  # a non-reference volume of A
-    out = D.site_percentiles(df, "site", min_site_reference=20)
+    out = FLAGS.site_percentiles(df, "site", min_site_reference=20)
     ref_a = np.delete(a, 3)
     for i in range(25):
         assert out["density_pct_site"][i] == pytest.approx(percentileofscore(ref_a, a[i], kind="mean"))
@@ -214,15 +216,15 @@ def test_combine_flags_rules():
         "score_or_tau3": [0, 1, 0, 1, 0, 0],
         "score_and_tau3": [0, 0, 0, 1, 0, 0],
     }
-    assert set(truth) == set(D.FLAG_RULES)
+    assert set(truth) == set(FLAGS.FLAG_RULES)
     for rule, want in truth.items():
-        got = D.combine_flags(df, rule)
+        got = FLAGS.combine_flags(df, rule)
         assert got.dtype == bool and got.tolist() == [bool(w) for w in want], rule
-    assert D.combine_flags(df).tolist() == [bool(w) for w in truth["score_or_tau5"]]
+    assert FLAGS.combine_flags(df).tolist() == [bool(w) for w in truth["score_or_tau5"]]
     with pytest.raises(ValueError, match="allowed: score, tau5"):
-        D.combine_flags(df, "score_or_tau")
+        FLAGS.combine_flags(df, "score_or_tau")
     with pytest.raises(ValueError, match="flag_tau10"):
-        D.combine_flags(df, "tau10")
+        FLAGS.combine_flags(df, "tau10")
 
 
 def test_score_table_and_cli(tmp_path):
@@ -239,16 +241,16 @@ def test_score_table_and_cli(tmp_path):
     from artifactqc.cli import main
 
     assert main(["fit-flow", "--scores", str(src), "--out", str(tmp_path / "flow"), "--epochs", "20"]) == 0
-    f = D.load_flow(tmp_path / "flow")
+    f = FLOW.load_flow(tmp_path / "flow")
     assert len(f.reference_log_density) == n - 1
-    out = D.score_table(df, f, taus=(5, 3))
+    out = FLAGS.score_table(df, f, taus=(5, 3))
     assert np.isnan(out.loc[n - 1, "log_density"]) and not out.loc[n - 1, "flagged"]
     ok = out.iloc[: n - 1]
-    np.testing.assert_allclose(ok["density_pct"], D.density_percentiles(ok["log_density"], ok["log_density"]))
+    np.testing.assert_allclose(ok["density_pct"], FLOW.density_percentiles(ok["log_density"], ok["log_density"]))
     # the reference ranked against itself: exactly the volumes below the 5th percentile are flagged
     expect5 = (np.argsort(np.argsort(ok["log_density"].to_numpy())) + 0.5) / (n - 1) * 100 < 5
     assert ok["flag_tau5"].tolist() == expect5.tolist()
     assert out["flagged"].tolist() == ((out["score"] > 1) | out["flag_tau5"]).where(out["status"] == "ok", False).tolist()
     assert (out["flow_sha256"] == f.sha256).all()
-    per_site = D.score_table(df, f, per_site=True, min_site_reference=10)
+    per_site = FLAGS.score_table(df, f, per_site=True, min_site_reference=10)
     assert set(per_site["pct_scope"]) == {"site"}

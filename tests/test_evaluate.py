@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from artifactqc import evaluate as ev
+from artifactqc.qc import evaluate as ev
 
 
 def test_map_ratings_default_and_custom():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from artifactqc import iqm
+from artifactqc.qc import iqm
 
 
 def test_snr_hand():

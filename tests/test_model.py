@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from artifactqc import io, slices
-from artifactqc.model import (
-    HEADS,
-    ArtifactEncoder,
-    EncoderConfig,
-    ModelLoadError,
-    encoder_loss,
-    fit_volume_head,
-    info_nce,
-    load_model,
-    pool_volume_features,
-    resolve_device,
-    save_model,
-    train_encoder,
-)
+from artifactqc import io
+from artifactqc.encoder import slices
+from artifactqc.encoder.network import HEADS, ArtifactEncoder, EncoderConfig, pool_volume_features, resolve_device
+from artifactqc.encoder.checkpoint import ModelLoadError, load_model, save_model
+from artifactqc.training.losses import encoder_loss, info_nce
+from artifactqc.training.volume_head import fit_volume_head
+from artifactqc.training.loop import train_encoder
 
 torch.set_num_threads(1)
 
@@ -331,7 +323,8 @@ def test_validation_is_3d_simulated_held_out_volumes_only(tmp_path, toy_cohort):
 def test_pool_entry_normalises_after_corruption_like_the_scorer():
     """A corruption that only scales intensities (×3) must vanish after the scorer's percentile normalisation;
     the corrupted slices of a real corruption are exactly the scorer's slices of the corrupted volume."""
-    from artifactqc.model import _CleanVolume, make_pool_entry
+    from artifactqc.training.volumes import _CleanVolume
+    from artifactqc.training.pool import make_pool_entry
 
     cfg = slices.SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3)
     data = io.normalize_intensity(_phantom())
@@ -358,7 +351,7 @@ def test_pool_entry_normalises_after_corruption_like_the_scorer():
 
 
 def test_too_small_training_volume_is_named_and_skipped(tmp_path, toy_cohort, caplog):
-    from artifactqc.model import TrainingVolumeError, _load_clean_volume
+    from artifactqc.training.volumes import TrainingVolumeError, _load_clean_volume
 
     paths, _ = toy_cohort
     tiny = _write(tmp_path, "tiny.nii.gz", np.ascontiguousarray(_phantom()[:, :, 16:19]))
@@ -374,7 +367,7 @@ def test_too_small_training_volume_is_named_and_skipped(tmp_path, toy_cohort, ca
 def test_brain_mask_augmentation_strips_the_shell():
     """A head = bright shell (scalp/skull, 6 mm) around a brain: the mask keeps the brain centre and removes
     the shell."""
-    from artifactqc.model import _brain_mask
+    from artifactqc.training.volumes import _brain_mask
 
     zz, yy, xx = np.meshgrid(*[np.arange(-40, 41)] * 3, indexing="ij")
     r = np.sqrt(zz**2 + yy**2 + xx**2)  # 1 mm voxels
@@ -386,7 +379,7 @@ def test_brain_mask_augmentation_strips_the_shell():
 
 
 def test_bn_recalibration_uses_exact_batch_statistics():
-    from artifactqc.model import _recalibrate_bn
+    from artifactqc.training.validate import _recalibrate_bn
 
     torch.manual_seed(0)
     m = ArtifactEncoder(EncoderConfig())
@@ -467,7 +460,7 @@ def test_percentile_from_counts_equals_numpy():
 def test_scale_for_simulation_keeps_the_scorers_slices():
     """The simulator's input is a pure rescale of the raw volume: its slices equal the raw file's slices,
     whereas io.normalize_intensity (offset + clip) followed by the scorer's normalisation does not."""
-    from artifactqc.model import scale_for_simulation
+    from artifactqc.encoder.slices import scale_for_simulation
 
     cfg = slices.SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3)
     raw = _phantom() * 7.0 + 5.0 * (_phantom() > 0)
@@ -504,7 +497,7 @@ def test_group_loss_uses_group_means_for_severity_terms():
 
 
 def test_pool_sample_groups_come_from_one_entry():
-    from artifactqc.model import _Pool
+    from artifactqc.training.pool import _Pool
 
     pool = _Pool([], None, 10, 0, None, {})
     for k in range(5):  # entries whose slices encode (entry, plane): value = 10 * entry + plane
@@ -527,7 +520,7 @@ def test_pool_sample_groups_come_from_one_entry():
 
 
 def test_tissue_remap_keeps_background_and_limits_slope():
-    from artifactqc.model import _tissue_remap
+    from artifactqc.training.augment import _tissue_remap
 
     rng = np.random.default_rng(0)
     data = io.normalize_intensity(_phantom((30, 32, 28)))
@@ -551,7 +544,8 @@ def test_tissue_remap_keeps_background_and_limits_slope():
 def test_resample_augmentation_keeps_physical_extent():
     """The resampled grid covers the same physical extent (first and last voxel centres fixed), at 1.0-1.7 mm,
     and 2 mm volumes are upsampled to at least 1.3 mm."""
-    from artifactqc.model import _augment_volume, _CleanVolume
+    from artifactqc.training.augment import _augment_volume
+    from artifactqc.training.volumes import _CleanVolume
 
     data = io.normalize_intensity(_phantom((30, 32, 28)))
     v = _CleanVolume("toy", data, (2.0, 2.0, 2.0))
@@ -647,7 +641,7 @@ def test_volume_head_learns_the_volume_severity_from_frozen_features():
         if k in before:
             torch.testing.assert_close(v, before[k])
     assert res["best_epoch"] >= 1 and res["n_entries"] == 60
-    from artifactqc.score import predict_volume
+    from artifactqc.encoder.score import predict_volume
 
     scores = [predict_volume(model, it["slices"].numpy(), device="cpu")["score"] for it in val]
     rho = spearmanr([it["severity"] for it in val], scores).statistic
@@ -657,7 +651,7 @@ def test_volume_head_learns_the_volume_severity_from_frozen_features():
 def test_trained_model_scores_through_its_volume_head(tmp_path, toy_cohort):
     """train_encoder fits the head by default; it is saved, loaded and used by the scorer (not the trimmed
     mean of the slice scores); ``volume_head=False`` keeps the slice-mean model."""
-    from artifactqc.score import aggregate, predict_slices, predict_volume, score_volume
+    from artifactqc.encoder.score import aggregate, predict_slices, predict_volume, score_volume
 
     paths, _ = toy_cohort
     m = _train(tmp_path / "vh", paths, epochs=2)

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from artifactqc import mriqc
+from artifactqc.qc import mriqc
 
 
 def _write_inputs(tmp_path):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from artifactqc import preprocess as P
+from artifactqc.preprocess import n4 as N4
+from artifactqc.preprocess import selection as SEL
+from artifactqc.preprocess import superres as SR
 from artifactqc.cli import main as cli_main
 
 
@@ -53,18 +55,18 @@ def test_resample_axis_matches_scipy_map_coordinates():
         moved = np.moveaxis(x, axis, 0)
         grids = np.meshgrid(pos, *[np.arange(s) for s in moved.shape[1:]], indexing="ij")
         expect = np.moveaxis(ndimage.map_coordinates(moved, grids, order=3, mode="mirror"), 0, axis)
-        got = P.resample_axis(x, pos, axis, order=3)
+        got = SR.resample_axis(x, pos, axis, order=3)
         np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
 def test_slice_profile_fwhm_and_mass():
     for fwhm in (2.4, 4.0, 6.0):
-        k = P.slice_profile(fwhm, "gaussian")
+        k = SR.slice_profile(fwhm, "gaussian")
         assert k.sum() == pytest.approx(1.0)
         x = np.arange(k.size) - k.size // 2
         sigma = math.sqrt(float((k * x**2).sum()))
         assert sigma * 2 * math.sqrt(2 * math.log(2)) == pytest.approx(fwhm, rel=0.03)
-        rect = P.slice_profile(fwhm, "rect")
+        rect = SR.slice_profile(fwhm, "rect")
         assert rect.sum() == pytest.approx(1.0)
         # a box of width fwhm: (number of fine voxels it covers) / fwhm = peak weight
         assert rect.max() == pytest.approx(1.0 / fwhm, rel=1e-6)
@@ -72,7 +74,7 @@ def test_slice_profile_fwhm_and_mass():
 
 def test_degrade_axis_keeps_linear_ramp_and_samples_positions():
     ramp = np.broadcast_to(np.arange(60, dtype=np.float32)[None, None, :], (3, 4, 60)).copy()
-    low, pos = P.degrade_axis(ramp, 4.0, axis=2)
+    low, pos = SR.degrade_axis(ramp, 4.0, axis=2)
     assert low.shape == (3, 4, 15)
     np.testing.assert_allclose(pos, 4.0 * np.arange(15))
     inner = (pos > 12) & (pos < 47)  # away from the edges a symmetric blur keeps a ramp
@@ -80,26 +82,26 @@ def test_degrade_axis_keeps_linear_ramp_and_samples_positions():
 
 
 def test_needs_superres():
-    assert P.needs_superres((1, 1, 1)) is False
-    assert P.needs_superres((1, 1, 1.4)) is False
-    assert P.needs_superres((0.9, 0.9, 4.8)) is True
-    assert P.needs_superres((2.0, 1.0, 1.0), ratio=2.5) is False
+    assert SR.needs_superres((1, 1, 1)) is False
+    assert SR.needs_superres((1, 1, 1.4)) is False
+    assert SR.needs_superres((0.9, 0.9, 4.8)) is True
+    assert SR.needs_superres((2.0, 1.0, 1.0), ratio=2.5) is False
 
 
 def test_metrics_closed_forms():
     rng = np.random.default_rng(0)
     ref = rng.random((20, 20, 20)) * 100
-    assert P.ssim(ref, ref) == pytest.approx(1.0)
+    assert SR.ssim(ref, ref) == pytest.approx(1.0)
     peak = ref.max()
-    assert P.psnr(ref, ref + 2.0) == pytest.approx(10 * math.log10(peak**2 / 4.0))
+    assert SR.psnr(ref, ref + 2.0) == pytest.approx(10 * math.log10(peak**2 / 4.0))
     noisy = ref + rng.normal(0, 20, ref.shape)
-    assert P.ssim(ref, noisy) < 0.9
+    assert SR.ssim(ref, noisy) < 0.9
 
 
 def test_otsu_threshold_separates_two_modes():
     rng = np.random.default_rng(0)
     low, high = rng.normal(10, 2, 5000), rng.normal(50, 4, 5000)
-    thr = P.otsu_threshold(np.concatenate([low, high]))
+    thr = N4.otsu_threshold(np.concatenate([low, high]))
     errors = (low > thr).sum() + (high <= thr).sum()
     assert errors <= 5  # any threshold in the gap between the modes is optimal
 
@@ -118,7 +120,7 @@ def test_ants_image_geometry_matches_ants_reader(tmp_path):
     path = tmp_path / "g.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), str(path))
     ref = ants.image_read(str(path))
-    ours = P._ants_image(data, affine)
+    ours = N4._ants_image(data, affine)
     np.testing.assert_allclose(ours.spacing, ref.spacing, atol=1e-5)
     np.testing.assert_allclose(ours.origin, ref.origin, atol=1e-4)
     np.testing.assert_allclose(ours.direction, ref.direction, atol=1e-5)
@@ -130,7 +132,7 @@ def test_n4_recovers_a_known_smooth_field():
     truth = _smooth_field(clean.shape, 0.4)
     biased = clean * truth
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    corrected, bias = P.n4(biased, affine, shrink_factor=2, iters=(40, 40), spline_distance_mm=40)
+    corrected, bias = N4.n4(biased, affine, shrink_factor=2, iters=(40, 40), spline_distance_mm=40)
     assert corrected.shape == bias.shape == clean.shape
     np.testing.assert_allclose(corrected * bias, biased, rtol=1e-4, atol=1e-3)
     head = clean > 0
@@ -169,9 +171,9 @@ _TINY = dict(iterations=200, patch_size=24, batch_size=8, channels=16, n_layers=
 def test_superres_grid_affine_and_quality_beats_cubic():
     hr = _phantom((40, 40, 48), seed=2)
     f, axis = 3.0, 2
-    low, pos = P.degrade_axis(hr, f, axis)
+    low, pos = SR.degrade_axis(hr, f, axis)
     affine = np.array([[0, -1.0, 0, 10], [1.0, 0, 0, -5], [0, 0, f, 7], [0, 0, 0, 1]])
-    sr, new_aff, info = P.superres(low, affine, **_TINY)
+    sr, new_aff, info = SR.superres(low, affine, **_TINY)
     n_out = int(math.floor((low.shape[axis] - 1) * f)) + 1
     assert info.through_axis == axis and info.factor == pytest.approx(f)
     assert sr.shape == (40, 40, n_out)
@@ -180,19 +182,19 @@ def test_superres_grid_affine_and_quality_beats_cubic():
     np.testing.assert_allclose(new_aff, expect_aff)
     # the grids agree: fine voxel k sits where the original voxel k was
     ref = hr[:, :, :n_out]
-    cub = P.upsample_axis(low, f, axis, n_out=n_out)
+    cub = SR.upsample_axis(low, f, axis, n_out=n_out)
     head = ref > 0
-    assert P.psnr(ref, sr, head) > P.psnr(ref, cub, head)
-    assert P.ssim(ref, sr, head) > P.ssim(ref, cub, head)
+    assert SR.psnr(ref, sr, head) > SR.psnr(ref, cub, head)
+    assert SR.ssim(ref, sr, head) > SR.ssim(ref, cub, head)
 
 
 def test_superres_is_deterministic_and_picks_the_thick_axis():
     hr = _phantom((36, 30, 30), seed=5)
-    low, _ = P.degrade_axis(hr, 2.5, 0)
+    low, _ = SR.degrade_axis(hr, 2.5, 0)
     affine = np.diag([2.5, 1.0, 1.0, 1.0])
     kw = dict(_TINY, iterations=20)
-    a, aff_a, info = P.superres(low, affine, **kw)
-    b, aff_b, _ = P.superres(low, affine, **kw)
+    a, aff_a, info = SR.superres(low, affine, **kw)
+    b, aff_b, _ = SR.superres(low, affine, **kw)
     assert info.through_axis == 0 and info.device == "cpu"
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(np.sqrt((aff_a[:3, :3] ** 2).sum(0)), [1.0, 1.0, 1.0])
@@ -210,7 +212,7 @@ def test_superres_file_copies_isotropic_and_saves_safetensors(tmp_path):
     np.testing.assert_array_equal(nib.load(str(out)).get_fdata(), vol)
 
     thick = tmp_path / "thick.nii.gz"
-    low, _ = P.degrade_axis(_phantom((32, 32, 40)), 4.0, 2)
+    low, _ = SR.degrade_axis(_phantom((32, 32, 40)), 4.0, 2)
     aff = np.diag([0.9, 0.9, 3.6, 1.0])
     nib.save(nib.Nifti1Image(low, aff), str(thick))
     out2, model = tmp_path / "thick_sr.nii.gz", tmp_path / "m.safetensors"
@@ -231,9 +233,9 @@ def test_real_thick_slice_scan_is_flagged_for_superres(shared_data):
     from artifactqc import io as aq_io
 
     img = aq_io.inspect_header(shared_data / "volumes/dcm_qa_decubitus/HFS/t1_fl2d_sag_3.nii.gz")
-    assert P.needs_superres(img.header.get_zooms()[:3])
+    assert SR.needs_superres(img.header.get_zooms()[:3])
     iso = aq_io.inspect_header(shared_data / "volumes/VolumeRenderingData/stroke_T1.nii.gz")
-    assert not P.needs_superres(iso.header.get_zooms()[:3])
+    assert not SR.needs_superres(iso.header.get_zooms()[:3])
 
 
 # ----------------------------------------------------------------------------- training selection
@@ -258,22 +260,22 @@ def _volumes_table():
 
 def test_select_training_filters(tmp_path):
     vols = _volumes_table()
-    allsel = P.select_training(vols)
+    allsel = SEL.select_training(vols)
     assert list(allsel["volume_id"]) == ["A-1", "B-1", "D-1", "E-1"]  # no failed, no duplicate
     assert dict(zip(allsel["volume_id"], allsel["needs_superres"])) == {
         "A-1": False, "B-1": False, "D-1": True, "E-1": False}
-    assert list(P.select_training(vols, include_sites=["siteA", "siteD"])["volume_id"]) == ["A-1", "D-1"]
-    assert list(P.select_training(vols, exclude_contrasts=["T1w"])["volume_id"]) == ["B-1", "E-1"]
+    assert list(SEL.select_training(vols, include_sites=["siteA", "siteD"])["volume_id"]) == ["A-1", "D-1"]
+    assert list(SEL.select_training(vols, exclude_contrasts=["T1w"])["volume_id"]) == ["B-1", "E-1"]
     ids = tmp_path / "ids.txt"
     ids.write_text("# chosen by hand\nB-1\nE-1\n")
-    assert list(P.select_training(vols, include_list=str(ids), exclude_sites=["siteE"])["volume_id"]) == ["B-1"]
-    assert list(P.select_training(vols, exclude_list=["A-1", "D-1"])["volume_id"]) == ["B-1", "E-1"]
+    assert list(SEL.select_training(vols, include_list=str(ids), exclude_sites=["siteE"])["volume_id"]) == ["B-1"]
+    assert list(SEL.select_training(vols, exclude_list=["A-1", "D-1"])["volume_id"]) == ["B-1", "E-1"]
     src = tmp_path / "volumes.parquet"
     vols.to_parquet(src)
     with pytest.raises(ValueError, match="empty"):
-        P.select_training_file(src, tmp_path / "sel.tsv", include_sites=["nowhere"])
-    assert P.select_training_file(src, tmp_path / "sel.tsv", include_contrasts=["T1w"]) == 2
-    n = P.training_manifest(tmp_path / "sel.tsv", {"A-1": "pre/A-1.nii.gz", "D-1": "pre/D-1.nii.gz"},
+        SEL.select_training_file(src, tmp_path / "sel.tsv", include_sites=["nowhere"])
+    assert SEL.select_training_file(src, tmp_path / "sel.tsv", include_contrasts=["T1w"]) == 2
+    n = SEL.training_manifest(tmp_path / "sel.tsv", {"A-1": "pre/A-1.nii.gz", "D-1": "pre/D-1.nii.gz"},
                             tmp_path / "manifest.tsv")
     import pandas as pd
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from artifactqc import cohort, config_check, jobguard, shards
-from artifactqc.density import load_flow
+from artifactqc.density.flow import load_flow
 from artifactqc.io import VolumeError, load_volume, sha256_file
 
 from .conftest import save_tiny_model

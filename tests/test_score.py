@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from artifactqc import cli, slices
-from artifactqc.model import HEADS, ArtifactEncoder, EncoderConfig, load_model, save_model
-from artifactqc.score import aggregate, predict_slices, read_path_list, score_columns, score_volumes, trimmed_mean
+from artifactqc import cli
+from artifactqc.encoder import slices
+from artifactqc.encoder.network import HEADS, ArtifactEncoder, EncoderConfig
+from artifactqc.encoder.checkpoint import load_model, save_model
+from artifactqc.encoder.score import aggregate, predict_slices, read_path_list, score_columns, score_volumes, trimmed_mean
 
 torch.set_num_threads(1)
 

@@ -11,6 +11,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from artifactqc import simulate as S
+from artifactqc.simulate import bias as sim_bias
+from artifactqc.simulate import matching as sim_matching
 
 torch.set_num_threads(1)
 KINDS = S.ARTIFACTS + ("mix",)
@@ -254,7 +256,7 @@ def test_ssim_independent_reference():
 def test_ssim_loss_on_the_mask_box_equals_ssim_masked(vol):
     vol = np.pad(vol, 12)  # background around the head, as in a real scan
     out, _ = S.simulate_volume(vol, "ghosting", 0.7, seed=1)
-    loss = S._SSIMLoss(vol)
+    loss = sim_matching._SSIMLoss(vol)
     assert loss.ref.size < vol.size  # really cropped
     assert 1.0 - loss(out) == pytest.approx(S.ssim_masked(vol, out), abs=1e-6)
 
@@ -449,7 +451,7 @@ def test_bias_log_field_equals_torchio_polynomial(shape):
 
     c = np.random.default_rng(1).standard_normal(20) * 0.3
     ref = np.log(tio.BiasField.generate_bias_field(np.zeros((1, *shape)), 3, c.tolist()))
-    np.testing.assert_allclose(S._bias_log_field(shape, 3, c), ref, atol=1e-6)
+    np.testing.assert_allclose(sim_bias._bias_log_field(shape, 3, c), ref, atol=1e-6)
 
 
 def test_mask_box_is_the_grown_bounding_box():

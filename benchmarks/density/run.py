@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from scipy.stats import multivariate_normal as mvn
 
-from artifactqc import density as D
+from artifactqc.density import fit as FIT
+from artifactqc.density import flags as FLAGS
+from artifactqc.density import flow as FLOW
 
 
 def make_inliers(n, k, rng):
@@ -82,16 +84,16 @@ def detection(n, k, seed, fit_kw):
     x = np.vstack([inl, out])
     is_out = np.r_[np.zeros(len(inl), bool), np.ones(n_out, bool)]
     t0 = time.perf_counter()
-    f = D.fit_flow(x, seed=seed, **fit_kw)
+    f = FIT.fit_flow(x, seed=seed, **fit_kw)
     fit_s = time.perf_counter() - t0
     ld = f.log_density(x)
-    pct = D.density_percentiles(ld, ld)
-    oracle = D.density_percentiles(inlier_logpdf(x, params), inlier_logpdf(x, params))
+    pct = FLOW.density_percentiles(ld, ld)
+    oracle = FLOW.density_percentiles(inlier_logpdf(x, params), inlier_logpdf(x, params))
     row = {"n": n, "k": k, "seed": seed, "fit_seconds": round(fit_s, 2), "epochs_run": f.metrics["epochs_run"],
            "steps": f.metrics["steps"], "noise_std": round(f.metrics["noise_std_used"], 4)}
     for tau in (5, 3):
-        fl = D.tau_flags(pct, (tau,))[D.tau_column(tau)]
-        fo = D.tau_flags(oracle, (tau,))[D.tau_column(tau)]
+        fl = FLAGS.tau_flags(pct, (tau,))[FLAGS.tau_column(tau)]
+        fo = FLAGS.tau_flags(oracle, (tau,))[FLAGS.tau_column(tau)]
         row[f"sens_tau{tau}"], row[f"spec_tau{tau}"] = sens_spec(fl, is_out)
         row[f"oracle_sens_tau{tau}"], row[f"oracle_spec_tau{tau}"] = sens_spec(fo, is_out)
     # rank agreement with the true inlier density on inliers (how well the flow learnt the shape)
@@ -128,7 +130,7 @@ def main(argv=None):
         rows.append(r)
     meta = {"python": sys.version.split()[0], "torch": torch.__version__, "threads": a.threads,
             "machine": platform.machine(), "note": "measured on a shared, loaded 2-core machine",
-            "fit_defaults": {k: v for k, v in D.FlowConfig(features=0).__dict__.items() if k != "features"}}
+            "fit_defaults": {k: v for k, v in FLOW.FlowConfig(features=0).__dict__.items() if k != "features"}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["| N | k | seed | fit s | epochs | steps | sens τ5 | spec τ5 | sens τ3 | spec τ3 | oracle sens/spec τ5 | oracle sens/spec τ3 | ρ(flow, true) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

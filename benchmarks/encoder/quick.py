@@ -33,7 +33,7 @@ def build_cache(data: Path, path: Path, match_ssim: bool = False) -> None:
 
     from artifactqc import io
     from artifactqc.simulate import simulate_volume
-    from artifactqc.slices import SliceConfig, extract_from_array
+    from artifactqc.encoder.slices import SliceConfig, extract_from_array
 
     cfg = SliceConfig()
     sevs = [0.2, 0.4, 0.6, 0.8, 1.0]
@@ -60,8 +60,9 @@ def evaluate(model_dir: str, X: np.ndarray, meta: np.ndarray) -> None:
     import pandas as pd
     from scipy.stats import pearsonr, spearmanr, trim_mean
 
-    from artifactqc.model import HEADS, load_model
-    from artifactqc.score import predict_slices, volume_outputs
+    from artifactqc.encoder.network import HEADS
+    from artifactqc.encoder.checkpoint import load_model
+    from artifactqc.encoder.score import predict_slices, volume_outputs
 
     import run as R
 

@@ -34,6 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # benchmarks/_harness.py
 log = logging.getLogger("bench.encoder")
 
 HELD_OUT = {  # never used for training or for the trainer's validation
@@ -109,7 +110,7 @@ def training_list(data: Path) -> list[str]:
 
 
 def cmd_train(args, data: Path) -> dict:
-    from artifactqc.model import train_encoder
+    from artifactqc.training.loop import train_encoder
 
     vols = training_list(data)
     metrics = train_encoder(
@@ -125,8 +126,8 @@ def cmd_train(args, data: Path) -> dict:
 
 
 def _score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
-    from artifactqc.score import predict_volume
-    from artifactqc.slices import extract_from_array
+    from artifactqc.encoder.score import predict_volume
+    from artifactqc.encoder.slices import extract_from_array
 
     s, info = extract_from_array(data, affine, model.slice_cfg)
     return predict_volume(model, s)
@@ -137,7 +138,7 @@ def _canon_norm(path: Path):
     so its clean slices are exactly those of the raw file. (Results before 2026-11-23 14:30 used
     ``io.normalize_intensity`` here, whose offset+clip is not idempotent under the scorer's normalisation.)"""
     from artifactqc import io
-    from artifactqc.model import scale_for_simulation
+    from artifactqc.encoder.slices import scale_for_simulation
 
     v = io.load_volume(path)
     d, a = io.to_canonical(v.data, v.affine)
@@ -277,7 +278,7 @@ def cmd_robust(args, data: Path, model) -> dict:
 
 
 def cmd_thick(args, data: Path, model) -> dict:
-    from artifactqc.score import score_volumes
+    from artifactqc.encoder.score import score_volumes
 
     paths = [str(data / p) for p in [*THICK, *THREE_D]]
     df = score_volumes(model, paths)
@@ -295,9 +296,9 @@ def cmd_thick(args, data: Path, model) -> dict:
 
 
 def cmd_speed(args, data: Path, model) -> dict:
-    from artifactqc.model import PublishedEncoder
-    from artifactqc.score import score_volume
-    from artifactqc.slices import extract_slices
+    from _harness import PublishedEncoder
+    from artifactqc.encoder.score import score_volume
+    from artifactqc.encoder.slices import extract_slices
 
     torch.set_num_threads(args.threads)
     res = {"threads": args.threads, "volumes": []}
@@ -350,9 +351,9 @@ def cmd_simcheck(args, data: Path, model) -> dict:
     slices; 2D = the scorer's clean slices corrupted by the 2D simulator. Compared by the mean masked SSIM to
     the clean slices (head mask of the clean slice > 0.1) and by the model's mean slice score."""
     from artifactqc import io
-    from artifactqc.score import predict_slices
+    from artifactqc.encoder.score import predict_slices
     from artifactqc.simulate import simulate_slices, simulate_volume, ssim_slices
-    from artifactqc.slices import extract_from_array
+    from artifactqc.encoder.slices import extract_from_array
 
     sevs = (0.25, 0.5, 0.75, 1.0)
     acc: dict = {}
@@ -452,25 +453,29 @@ def cmd_head(args, data: Path) -> dict:
     ``<out>/model``) with ``--entries`` freshly corrupted training volumes; writes ``<out>/model``."""
     import dataclasses
 
-    from artifactqc import model as M
+    from artifactqc.encoder import checkpoint as CKPT
+    from artifactqc.training import pool as POOL
+    from artifactqc.training import validate as VAL
+    from artifactqc.training import volume_head as VHEAD
+    from artifactqc.training import volumes as TVOL
 
     src = Path(args.base) if args.base else Path(args.out) / "model"
-    enc = M.load_model(src, device="cpu", optimize=False)
+    enc = CKPT.load_model(src, device="cpu", optimize=False)
     info = enc.model_info
     hp = info["training"]["hyperparameters"]
     train_cfg = dataclasses.replace(enc.slice_cfg, slices_per_axis=int(hp["train_slices_per_axis"]))
     val = [str(data / v) for v in VALIDATION]
-    tr = [M._load_clean_volume(p, train_cfg, True) for p in training_list(data) if p not in val]
-    va = [M._load_clean_volume(p, train_cfg, False) for p in val]
-    items = M._val_items(va, enc.slice_cfg, tuple(hp["val_severities"]), int(hp["seed"]), None)
+    tr = [TVOL._load_clean_volume(p, train_cfg, True) for p in training_list(data) if p not in val]
+    va = [TVOL._load_clean_volume(p, train_cfg, False) for p in val]
+    items = VAL._val_items(va, enc.slice_cfg, tuple(hp["val_severities"]), int(hp["seed"]), None)
     aug = {"contrast": hp["contrast_augment"], "mask": hp["mask_augment"], "resample": hp["resample_augment"]}
-    pool = M._Pool(tr, train_cfg, args.entries, args.seed + 1, None, aug)
+    pool = POOL._Pool(tr, train_cfg, args.entries, args.seed + 1, None, aug)
     t0 = time.perf_counter()
     pool.fill(args.entries)
     log.info("%d corrupted training volumes in %.0f s", len(pool.entries), time.perf_counter() - t0)
-    res = M.fit_volume_head(enc, pool.entries, items, seed=args.seed)
+    res = VHEAD.fit_volume_head(enc, pool.entries, items, seed=args.seed)
     training = dict(info["training"], volume_head=res | {"base_model": str(src)})
-    M.save_model(enc, Path(args.out) / "model", enc.slice_cfg, {"model_id": info["model_id"], "training": training})
+    CKPT.save_model(enc, Path(args.out) / "model", enc.slice_cfg, {"model_id": info["model_id"], "training": training})
     return {k: v for k, v in res.items() if k != "history"}
 
 
@@ -515,7 +520,7 @@ def main(argv=None) -> int:
     elif args.step == "head":
         res["head"] = cmd_head(args, data)
     else:
-        from artifactqc.model import load_model
+        from artifactqc.encoder.checkpoint import load_model
 
         model = load_model(out / "model", device="cpu")
         steps = ["quality", "robust", "thick", "speed", "simcheck"] if args.step == "all" else [args.step]

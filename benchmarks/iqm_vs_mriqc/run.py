@@ -46,7 +46,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(1)
-    from artifactqc.iqm import compute_iqms
+    from artifactqc.qc.iqm import compute_iqms
 
     ver = subprocess.run([a.mriqc_python, "-c", "import mriqc; print(mriqc.__version__)"], capture_output=True, text=True).stdout.strip()
     results = {"mriqc_version": ver, "volumes": {}}
@@ -75,7 +75,7 @@ def main(argv=None):
     keys = sorted({k for v in results["volumes"].values() for k in v["rel_diff"]})
     names = [Path(r).name.replace(".nii.gz", "") for r in results["volumes"]]
     L = ["# artifactqc IQM formulas vs MRIQC's own functions (identical inputs)", "",
-         f"MRIQC {ver} (`mriqc.qc.anatomical`, in a throwaway venv) vs `artifactqc.iqm`, on the same harmonised "
+         f"MRIQC {ver} (`mriqc.qc.anatomical`, in a throwaway venv) vs `artifactqc.qc.iqm`, on the same harmonised "
          "image, head/air/artifact masks, segmentation, partial-volume maps and N4 field (all produced by artifactqc). "
          "Cells: |ours − MRIQC| / |MRIQC|. `results.json` has both values for every IQM.", "",
          "| IQM | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

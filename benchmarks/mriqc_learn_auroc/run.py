@@ -1,8 +1,8 @@
 """AUROC of each MRIQC IQM against real manual ratings (mriqc-learn: ABIDE and DS030).
 
 Reads ../shared/data/qc_labels/mriqc-learn/mriqc_learn/datasets/{abide,ds030}.tsv (override with
---data), maps ratings to fail with artifactqc.evaluate.map_ratings, and reports AUROC with
-stratified bootstrap 95% CIs (artifactqc.evaluate.evaluate_flags), pooled and per site.
+--data), maps ratings to fail with artifactqc.qc.evaluate.map_ratings, and reports AUROC with
+stratified bootstrap 95% CIs (artifactqc.qc.evaluate.evaluate_flags), pooled and per site.
 
     .venv/bin/python benchmarks/mriqc_learn_auroc/run.py [--data DIR] [--n-boot 1000]
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from artifactqc.evaluate import evaluate_flags, map_ratings
-from artifactqc.mriqc import read_mriqc_tsv
+from artifactqc.qc.evaluate import evaluate_flags, map_ratings
+from artifactqc.qc.mriqc import read_mriqc_tsv
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -83,7 +83,7 @@ def main(argv=None):
     L = ["# IQM AUROC against manual ratings (mriqc-learn: ABIDE, DS030)", "",
          f"Produced by `benchmarks/mriqc_learn_auroc/run.py --n-boot {a.n_boot}` in {secs:.0f} s "
          "(shared, loaded 2-core machine). Full table (every IQM, every site, every rater/mapping): `results.tsv`.", "",
-         "Rating → fail mapping (`artifactqc.evaluate.map_ratings`): **-1 (exclude) = fail; 0 (doubtful) and 1 (accept) = pass** "
+         "Rating → fail mapping (`artifactqc.qc.evaluate.map_ratings`): **-1 (exclude) = fail; 0 (doubtful) and 1 (accept) = pass** "
          "(primary). Variant `fail=-1,0` counts doubtful as fail. Missing ratings are dropped. "
          "ABIDE uses rater_3 (the only rater of all 1,101 scans) for the pooled and per-site tables; "
          "DS030 has one rater (rater_1).", "",

@@ -26,7 +26,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from artifactqc import io as aq_io  # noqa: E402
-from artifactqc import preprocess as P  # noqa: E402
+from artifactqc.preprocess import n4 as N4  # noqa: E402
 
 VOLUMES = [  # T1w volumes with visible WM (WM = brightest class)
     "volumes/VolumeRenderingData/stroke_T1.nii.gz",
@@ -74,31 +74,31 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.from_log:
         rows = [json.loads(ln) for ln in open(args.from_log) if ln.startswith('{"volume"')]
-        write_results(rows, P.N4Params(), args.threads, Path(args.out))
+        write_results(rows, N4.N4Params(), args.threads, Path(args.out))
         return 0
     root = Path(args.data)
     if not (root / "MANIFEST.tsv").is_file():
         print(f"development data not found at {root} (pass --data)", file=sys.stderr)
         return 2
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    params = P.N4Params()
+    params = N4.N4Params()
     rows = []
     for i, rel in enumerate(VOLUMES):
         vol = aq_io.load_volume(root / rel)
         clean, affine = aq_io.to_canonical(vol.data, vol.affine)
         clean = np.maximum(clean, 0)
-        head = P.head_mask(clean)
+        head = N4.head_mask(clean)
         truth = true_field(clean.shape, aq_io.voxel_sizes(affine), seed=i, head=head)
         biased = clean * truth
         wm = wm_mask(clean, head)
         kw = dict(shrink_factor=params.shrink_factor, iters=params.iters, tol=params.tol,
                   spline_distance_mm=params.spline_distance_mm, mask_method=params.mask)
         c0, w0 = time.process_time(), time.perf_counter()
-        corrected, bias = P.n4(biased, affine, **kw)
+        corrected, bias = N4.n4(biased, affine, **kw)
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
         # the real volume has its own (unknown) bias, which N4 also finds: the simulated component
         # is the field estimated on the biased volume relative to the one estimated on the clean one
-        _, bias_clean = P.n4(clean, affine, **kw)
+        _, bias_clean = N4.n4(clean, affine, **kw)
         lt = np.log(truth[head]); lt -= lt.mean()
         le = np.log(bias[head]); le -= le.mean()
         ls = np.log(bias[head] / bias_clean[head]); ls -= ls.mean()
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_results(rows: list[dict], params: P.N4Params, threads: int, out: Path) -> None:
+def write_results(rows: list[dict], params: N4.N4Params, threads: int, out: Path) -> None:
     """results.tsv/.json/.md from the per-volume rows."""
     import pandas as pd
 

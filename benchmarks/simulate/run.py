@@ -3,7 +3,7 @@
     python benchmarks/simulate/run.py calibrate [--data ../shared/data] [--workers 2]
         sweeps each artifact's physical parameter on real volumes (3D, SSIM in the head mask) and on slices
         of them (2D path), inverts the mean SSIM curve onto target_ssim(s) = 1 - D*s and rewrites the
-        CALIBRATION block of src/artifactqc/simulate.py (+ calibration.json here).
+        CALIBRATION block of src/artifactqc/simulate/calibration.py (+ calibration.json here).
     python benchmarks/simulate/run.py validate   -> results.json, results.md (severity -> SSIM table,
         Spearman per type per volume, band at severity 0.5, mixtures)
     python benchmarks/simulate/run.py report     -> results.md again from the json files + results_notes.md
@@ -168,7 +168,7 @@ def _invert(grid, ssim_curve, d, method: str = "linear"):
 
 
 def _write_calibration(cal3, cal2, source):
-    path = REPO / "src" / "artifactqc" / "simulate.py"
+    path = REPO / "src" / "artifactqc" / "simulate" / "calibration.py"
     text = path.read_text()
 
     def fmt(name, cal):
@@ -231,7 +231,7 @@ def calibrate(data_dir: Path, workers: int, types=None, seeds: int = 3):
         print(a, "2D", cal2[a], "clipped", clip2)
     (HERE / "calibration.json").write_text(json.dumps(report, indent=1))
     _write_calibration(cal3, cal2, "benchmarks/simulate/run.py calibrate (" + time.strftime("%Y-%m-%d") + ")")
-    print("wrote calibration.json and the CALIBRATION block of simulate.py")
+    print("wrote calibration.json and the CALIBRATION block of simulate/calibration.py")
 
 
 def refit(types, method: str = "pchip"):
@@ -440,7 +440,7 @@ def trainstep(data_dir: Path, threads: int = 2, reps: int = 7, triplets: int = 3
     """Simulation time of one training step's slices vs the encoder's forward+backward on the same batch.
 
     A training step feeds 4 x ``triplets`` slices of 128x128 (anchor, positive, two negatives) through
-    ``artifactqc.model.ArtifactEncoder`` (default config, train mode, AdamW step). The 2D simulator corrupts
+    ``artifactqc.encoder.network.ArtifactEncoder`` (default config, train mode, AdamW step). The 2D simulator corrupts
     the two negatives (2 x ``triplets`` slices); the worst case (all 4 x ``triplets`` slices) is timed too.
     Each repetition times the train step and every simulation back to back, so both see the same machine
     load; medians are reported. Then ``simulate_volume`` (3D, the pool of inference-path training volumes)
@@ -449,7 +449,7 @@ def trainstep(data_dir: Path, threads: int = 2, reps: int = 7, triplets: int = 3
     import torch
 
     from artifactqc import simulate as S
-    from artifactqc.model import ArtifactEncoder
+    from artifactqc.encoder.network import ArtifactEncoder
 
     torch.set_num_threads(threads)
     n = 4 * triplets

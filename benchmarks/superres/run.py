@@ -25,7 +25,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from artifactqc import io as aq_io  # noqa: E402
-from artifactqc import preprocess as P  # noqa: E402
+from artifactqc.preprocess import n4 as N4  # noqa: E402
+from artifactqc.preprocess import superres as SR  # noqa: E402
 
 VOLUMES = [
     "volumes/VolumeRenderingData/stroke_T1.nii.gz",
@@ -39,7 +40,7 @@ AXIS = 2  # inferior-superior after canonical (RAS) reordering: axial thick slic
 
 
 def crop_to_head(data: np.ndarray, margin: int = 4) -> np.ndarray:
-    m = P.head_mask(data)
+    m = N4.head_mask(data)
     idx = np.argwhere(m)
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + margin + 1, data.shape)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.from_log:
         rows = [json.loads(ln) for ln in open(args.from_log) if ln.startswith('{"volume"')]
-        write_results(rows, P.SRParams(threads=args.threads), args.threads, Path(args.out))
+        write_results(rows, SR.SRParams(threads=args.threads), args.threads, Path(args.out))
         return 0
     data_root = Path(args.data)
     if not (data_root / "MANIFEST.tsv").is_file():
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    params = P.SRParams(threads=args.threads)
+    params = SR.SRParams(threads=args.threads)
     if args.iterations:
         params.iterations = args.iterations
     rows = []
@@ -75,24 +76,24 @@ def main(argv=None) -> int:
         data, _ = aq_io.to_canonical(vol.data, vol.affine)
         data = crop_to_head(data)
         for f in FACTORS:
-            low, pos = P.degrade_axis(data, f, AXIS, profile=params.profile)
+            low, pos = SR.degrade_axis(data, f, AXIS, profile=params.profile)
             n_out = int(np.floor(pos[-1] + 1e-6)) + 1
             ref = data[:, :, :n_out]
-            mask = P.head_mask(ref)
-            cub = P.upsample_axis(low, f, AXIS, n_out=n_out)
+            mask = N4.head_mask(ref)
+            cub = SR.upsample_axis(low, f, AXIS, n_out=n_out)
             aff = np.diag([1.0, 1.0, f, 1.0])  # spacing ratios are what matter
             c0, w0 = time.process_time(), time.perf_counter()
-            sr, new_aff, info = P.superres(low, aff, params=P.SRParams(**vars(params)))
+            sr, new_aff, info = SR.superres(low, aff, params=SR.SRParams(**vars(params)))
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
             assert sr.shape == ref.shape, (sr.shape, ref.shape)
             row = {
                 "volume": rel,
                 "shape": "x".join(map(str, data.shape)),
                 "factor": f,
-                "psnr_cubic": P.psnr(ref, cub, mask),
-                "psnr_sr": P.psnr(ref, sr, mask),
-                "ssim_cubic": P.ssim(ref, cub, mask),
-                "ssim_sr": P.ssim(ref, sr, mask),
+                "psnr_cubic": SR.psnr(ref, cub, mask),
+                "psnr_sr": SR.psnr(ref, sr, mask),
+                "ssim_cubic": SR.ssim(ref, cub, mask),
+                "ssim_sr": SR.ssim(ref, sr, mask),
                 "cpu_seconds": cpu,
                 "wall_seconds": wall,
                 "train_seconds": info.train_seconds,
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_results(rows: list[dict], params: P.SRParams, threads: int, out: Path) -> None:
+def write_results(rows: list[dict], params: SR.SRParams, threads: int, out: Path) -> None:
     """results.tsv/.json/.md from the per-run rows."""
     import pandas as pd
 

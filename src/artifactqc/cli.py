@@ -135,7 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from .model import train_from_cli
+    from .training.loop import train_from_cli
 
     keys = ("epochs", "steps_per_epoch", "batch_size", "lr", "val_fraction", "patience", "image_size",
             "max_minutes", "threads")
@@ -147,7 +147,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from .score import score_from_cli
+    from .encoder.score import score_from_cli
 
     if not args.paths and not args.list_file:
         print("artifactqc score: give PATHS or --list FILE", file=sys.stderr)
@@ -170,7 +170,7 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_fit_flow(args) -> int:
-    from .density import fit_flow_from_files
+    from .density.fit import fit_flow_from_files
 
     out = fit_flow_from_files(
         args.scores,
@@ -223,7 +223,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 def _cmd_n4(args) -> int:
-    from .preprocess import n4_file
+    from .preprocess.n4 import n4_file
 
     out = n4_file(
         args.input,
@@ -240,7 +240,7 @@ def _cmd_n4(args) -> int:
 
 
 def _cmd_superres(args) -> int:
-    from .preprocess import superres_file
+    from .preprocess.superres import superres_file
 
     out = superres_file(
         args.input,
@@ -279,7 +279,7 @@ def _write_table(df, path) -> None:
 
 
 def _cmd_iqm(args) -> int:
-    from .iqm import iqm_table
+    from .qc.iqm import iqm_table
 
     if len(args.inputs) == 1 and args.inputs[0].endswith((".parquet", ".tsv")):
         vols = _read_table(args.inputs[0])
@@ -296,7 +296,7 @@ def _cmd_iqm(args) -> int:
 def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
-    from .evaluate import evaluate_flags, map_ratings, to_markdown
+    from .qc.evaluate import evaluate_flags, map_ratings, to_markdown
 
     df = _read_table(args.table)
     mapping = {v.strip(): True for v in args.fail_values.split(",") if v.strip()}

@@ -59,7 +59,7 @@ COLUMN_DOCS = {
 def model_identity(model_dir: str | Path, info: dict) -> dict:
     """``{"model_id", "model_sha256"}`` of the encoder loaded from ``model_dir`` with model.json ``info``:
     its id and the sha256 of its weights file (verified against model.json by
-    :func:`artifactqc.model.load_model`; hashed here when model.json does not record it)."""
+    :func:`artifactqc.encoder.checkpoint.load_model`; hashed here when model.json does not record it)."""
     from .io import sha256_file
 
     sha = info.get("weights_sha256") or sha256_file(Path(model_dir) / info.get("weights_file", "encoder.safetensors"))
@@ -83,8 +83,8 @@ def score_shard(
     row, failed ones included, its sheet identity (site, subject, session, contrast, ...) and the sheet's
     extra columns (after the provenance columns; one named like a score column gets a ``sheet_`` prefix).
     """
-    from .model import load_model
-    from .score import score_volumes
+    from .encoder.checkpoint import load_model
+    from .encoder.score import score_volumes
 
     model = load_model(model_dir, device=device)
     identity = model_identity(model_dir, model.model_info)
@@ -149,7 +149,8 @@ def with_sheet_columns(rows: pd.DataFrame, sheet_rows: pd.DataFrame) -> pd.DataF
 def add_density(rows: pd.DataFrame, flow_dir: str | Path, *, taus=(5, 3), rule: str, score_threshold: float,
                 config_sha256: str) -> pd.DataFrame:
     """Log-density, reference percentile, τ flags and ``flagged``, then the provenance columns."""
-    from .density import load_flow, score_table
+    from .density.flow import load_flow
+    from .density.flags import score_table
 
     flow = load_flow(flow_dir)
     check_flow_encoder(rows, flow_dir)
@@ -195,7 +196,7 @@ def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference
     parts = [p for p in parts if len(p)]
     cohort = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMN_DOCS))
     if per_site and len(cohort):
-        from .density import site_percentiles
+        from .density.flags import site_percentiles
 
         ok = (cohort["status"] == "ok") & np.isfinite(cohort["log_density"].astype(float))
         tmp = cohort[["site", "log_density"]].assign(in_reference=ok.to_numpy())
@@ -245,7 +246,7 @@ def fit_flow_for_reference(scores: pd.DataFrame, reference_tsv: str | Path, weig
 
     ``model_dir`` is the encoder that scored the rows: its id and weights sha256 go into ``flow.json``, and
     reference rows scored by any other encoder are an error (:class:`FlowEncoderMismatch`)."""
-    from .density import fit_flow_from_table
+    from .density.fit import fit_flow_from_table
     from .io import sha256_file
 
     encoder = model_identity(model_dir, {k: v for k, v in json.loads((Path(model_dir) / "model.json").read_text()).items()

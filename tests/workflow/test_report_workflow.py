@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from artifactqc import reporting
+from artifactqc.report import stage
 
 from ..conftest import save_tiny_model
 from .test_ingest_workflow import REPO, make_volume, run_snakemake, write_sheet
@@ -90,7 +90,7 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     iqms = pd.read_parquet(tmp_path / "results/iqm/cohort.parquet")
     assert sorted(iqms["volume_id"]) == sorted(v for v in cohort.index if v != "B-9")
     assert list(table["metric"])[:5] == ["score>1", "flag_tau5", "flag_tau3", "flagged", "score"]
-    assert set(table["metric"][5:]) <= set(reporting.EVAL_IQMS)
+    assert set(table["metric"][5:]) <= set(stage.EVAL_IQMS)
     assert list(table["kind"]) == ["flag"] * 4 + ["score"] * (len(table) - 4)
     flags_and_score = table.iloc[:5]
     assert (flags_and_score["n"] == 7).all() and (flags_and_score["n_fail"] == 2).all()

@@ -27,7 +27,7 @@ def check_config():
     if problems:
         raise WorkflowError("config: " + "; ".join(problems))
     validate(config, schema="../schemas/config.schema.yaml")
-    from artifactqc.model import TrainConfig
+    from artifactqc.training.config import TrainConfig
 
     problems = aq_check.check_names(config["train"]["settings"], train_settings_names(TrainConfig), "train.settings")
     problems += aq_check.check_flag_rule(config["flags"]["rule"], config["flags"]["taus"])

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from artifactqc import compare, runlog
+from artifactqc import runlog
+from artifactqc.qc import compare
 from artifactqc.provenance import write_parquet
 
 log = runlog.to_file(snakemake.log[0])

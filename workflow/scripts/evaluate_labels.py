@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from artifactqc import report, reporting, runlog
+from artifactqc import runlog
+from artifactqc.report import figures, stage
 
 log = runlog.to_file(snakemake.log[0])
 p = snakemake.params
-table, curves = reporting.evaluate_labels(
+table, curves = stage.evaluate_labels(
     pd.read_parquet(snakemake.input.scores),
     p.fail_values,
     p.pass_values,
@@ -19,6 +20,6 @@ table, curves = reporting.evaluate_labels(
     iqm_tables=[pd.read_parquet(t) for t in snakemake.input.iqms],
 )
 table.to_parquet(snakemake.output.table, index=False)
-Path(snakemake.output.markdown).write_text(reporting.label_markdown(table))
-report.plot_roc_curves(curves, snakemake.output.roc, title="Flags and score against the manual labels")
+Path(snakemake.output.markdown).write_text(stage.label_markdown(table))
+figures.plot_roc_curves(curves, snakemake.output.roc, title="Flags and score against the manual labels")
 log.info("label evaluation:\n%s", table.to_string())

@@ -2,7 +2,8 @@
 
 import pandas as pd
 
-from artifactqc import mriqc, runlog
+from artifactqc import runlog
+from artifactqc.qc import mriqc
 from artifactqc.provenance import write_parquet
 
 log = runlog.to_file(snakemake.log[0])

@@ -1,10 +1,11 @@
 """N4 bias-field correction of one training volume."""
 
-from artifactqc import preprocess, runlog
+from artifactqc import runlog
+from artifactqc.preprocess import n4
 
 log = runlog.to_file(snakemake.log[0])
 runlog.limit_threads(snakemake.threads)
-summary = preprocess.n4_file(
+summary = n4.n4_file(
     snakemake.input[0],
     snakemake.output.volume,
     bias_path=snakemake.output.bias,

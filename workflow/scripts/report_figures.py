@@ -4,15 +4,16 @@ import os
 
 import pandas as pd
 
-from artifactqc import reporting, runlog
+from artifactqc import runlog
+from artifactqc.report import stage
 
 log = runlog.to_file(snakemake.log[0])
 runlog.limit_threads(snakemake.threads)
 ruler = snakemake.params.ruler
-paths = reporting.make_report_figures(
+paths = stage.make_report_figures(
     pd.read_parquet(snakemake.input.scores),
     pd.read_parquet(snakemake.input.volumes),
-    reporting.failures_table(
+    stage.failures_table(
         pd.read_parquet(snakemake.input.ingest_failures), pd.read_parquet(snakemake.input.score_failures)
     ),
     os.path.dirname(snakemake.input.flow[0]),

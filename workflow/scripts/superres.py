@@ -2,10 +2,11 @@
 
 import json
 
-from artifactqc import preprocess, runlog
+from artifactqc import runlog
+from artifactqc.preprocess import superres
 
 log = runlog.to_file(snakemake.log[0])
-summary = preprocess.superres_file(
+summary = superres.superres_file(
     snakemake.input[0],
     snakemake.output.volume,
     ratio=snakemake.params.ratio,

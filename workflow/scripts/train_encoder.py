@@ -1,7 +1,7 @@
 """Train the artifact encoder on the training manifest (staged, published atomically, stops with its run)."""
 
 from artifactqc import runlog
-from artifactqc.train_job import train_model_folder
+from artifactqc.training.job import train_model_folder
 
 log = runlog.to_file(snakemake.log[0])
 metrics = train_model_folder(

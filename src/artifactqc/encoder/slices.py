@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import io
+from .. import io
 
 #: Fraction of the head extent (centred) from which slices are taken along each axis.
 MIDDLE_FRACTION = 0.6
@@ -301,3 +301,20 @@ def extract_slices(path: str | os.PathLike, cfg: SliceConfig | None = None, max_
     info["path"] = str(path)
     info["dtype"] = vol.dtype
     return slices, info
+
+
+def scale_for_simulation(data: np.ndarray) -> np.ndarray:
+    """Bring a raw volume to the simulator's ~[0, 1] range by a *pure scale* (divide by the scorer's robust
+    upper percentile), without offset or clipping.
+
+    The scorer's percentile normalisation is invariant to a positive scale factor, so the clean slices of the
+    scaled volume are exactly those of the raw file. ``io.normalize_intensity`` (offset + clip) is not: applying
+    the scorer's normalisation a second time moves the low percentile from 0 to ~0.09 (the foreground threshold
+    of ``io.foreground_mask`` is 10 % of the 98th percentile) and clips dark tissue to 0 — measured here, a
+    mean absolute slice difference of 0.08 on IXI316 and clean scores that differed by up to 0.6 between the
+    raw file and its normalised copy.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    _, hi, _ = robust_range(data)
+    scale = np.float32(1.0 / hi) if hi > 0 else np.float32(1.0)
+    return np.nan_to_num(data * scale, nan=0.0, posinf=0.0, neginf=0.0)

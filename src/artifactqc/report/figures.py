@@ -173,7 +173,7 @@ def plot_latent_plane(scores, out, flow=None, taus: Sequence[float] = (5, 3), fl
     a contour yet have a high density in full space; the caption says so. Point colour = density percentile,
     flagged volumes circled in vermillion with their id.
     """
-    from .density import latent_columns_of
+    from ..density.flow import latent_columns_of
 
     df = _ok(scores)
     cols = (flow.latent_columns if flow is not None and flow.latent_columns else None) or latent_columns_of(df)
@@ -245,7 +245,7 @@ def mid_slices(path, height: int = 96, max_mem_mb: float = 4096.0) -> np.ndarray
     windowed robustly (0.5/99.5 % of the foreground → [0, 1]) and each slice is resampled to physical
     aspect (voxel sizes from the affine) with a common height of ``height`` pixels; superior is up.
     """
-    from . import io
+    from .. import io
 
     vol = io.load_volume(path, max_mem_mb=max_mem_mb)
     data, aff = io.to_canonical(vol.data, vol.affine)
@@ -327,7 +327,7 @@ def ruler_ladder(reference_slice: np.ndarray, artifact: str, score_fn: Callable[
     :func:`artifactqc.simulate.severity_ladder` on a normalised 2D (or 3D) reference; ``score_fn`` maps a
     rung's image to the model's score (NaN when not given). For a 3D input the displayed image is the
     axial mid-slice, the score is computed on the volume."""
-    from . import simulate
+    from .. import simulate
 
     sev = simulate.SEVERITY_KNOTS[::2] if severities is None else severities
     out = []

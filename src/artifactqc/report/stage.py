@@ -1,8 +1,8 @@
 """End-of-workflow report stage: builds the report figures and the label evaluation from the cohort tables.
 
 Thin glue between the workflow's tables (``results/scores/cohort.parquet``, ``results/cohort/*.parquet``,
-the flow and the encoder folders) and the plotting/evaluation functions of :mod:`artifactqc.report` and
-:mod:`artifactqc.evaluate`; the workflow scripts call one function each:
+the flow and the encoder folders) and the plotting/evaluation functions of :mod:`artifactqc.report.figures` and
+:mod:`artifactqc.qc.evaluate`; the workflow scripts call one function each:
 
 * :func:`make_report_figures` — cohort overview, per-site score distributions, latent plane with the τ
   contours, per-site thumbnail strips and per-contrast image rulers.
@@ -14,7 +14,7 @@ that are not flagged) is corrupted in 3D with :func:`artifactqc.simulate.simulat
 the encoder's training pool uses — at increasing severity with fixed random draws, and each corrupted
 volume is scored exactly like a cohort volume (model slices, encoder, volume aggregation); the displayed
 image is the axial mid-slice of the model's slices. A 3D corruption costs seconds per rung (motion the
-most), so the number of rungs (``report.ruler.severities``) sets most of the figure job's time.
+most), so the number of rungs (``figures.ruler.severities``) sets most of the figure job's time.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def failures_table(*tables: pd.DataFrame) -> pd.DataFrame:
 
 
 def overview_table(volumes: pd.DataFrame, failures: pd.DataFrame, scores: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Every cohort volume for :func:`artifactqc.report.plot_cohort_overview`: the ingested volumes plus one
+    """Every cohort volume for :func:`artifactqc.report.figures.plot_cohort_overview`: the ingested volumes plus one
     ``status="failed"`` row per failed volume not among them. Site and contrast of a failed volume come from
     the scores table when it has them, else ``"?"`` / ``"unknown"`` (ingest failure rows carry neither)."""
     cols = ["volume_id", "site", "contrast", "status"]
@@ -85,22 +85,22 @@ def ruler_reference(scores: pd.DataFrame, contrast: str, flag_col: str = "flagge
 
 def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_SEVERITIES, seed: int = 0,
                 batch_size: int = 64) -> list[tuple[float, np.ndarray, float]]:
-    """``[(severity, display image, volume score), …]`` for :func:`artifactqc.report.plot_image_ruler`.
+    """``[(severity, display image, volume score), …]`` for :func:`artifactqc.report.figures.plot_image_ruler`.
 
-    The volume (brought to ~[0, 1] by a pure scale as for training, :func:`artifactqc.model.scale_for_simulation`)
+    The volume (brought to ~[0, 1] by a pure scale as for training, :func:`artifactqc.encoder.slices.scale_for_simulation`)
     is corrupted in 3D at its native resolution with :func:`artifactqc.simulate.simulate_volume` at each
     severity with the same seed (only the severity changes between rungs; the scale does not change the
     scorer's slices, so rung 0 is the file as scored), then goes through the scorer's
-    own path: :func:`artifactqc.slices.extract_from_array` with the model's slice geometry, the encoder and
-    :func:`artifactqc.score.aggregate` — so each rung's score is the score a cohort volume with that
+    own path: :func:`artifactqc.encoder.slices.extract_from_array` with the model's slice geometry, the encoder and
+    :func:`artifactqc.encoder.score.aggregate` — so each rung's score is the score a cohort volume with that
     artifact would get. The image is the axial mid-slice, oriented for ``plot_image_ruler`` (which rotates
     by 90°).
     """
-    from .io import load_volume
-    from .model import scale_for_simulation
-    from .score import predict_volume
-    from .simulate import simulate_volume
-    from .slices import extract_from_array
+    from ..io import load_volume
+    from ..encoder.slices import scale_for_simulation
+    from ..encoder.score import predict_volume
+    from ..simulate import simulate_volume
+    from ..encoder.slices import extract_from_array
 
     vol = load_volume(path)
     data = scale_for_simulation(vol.data)
@@ -120,8 +120,8 @@ def plot_rulers(scores: pd.DataFrame, model_dir, out_dir, artifacts: Iterable[st
                 device: str = "auto", flag_col: str = "flagged") -> list[Path]:
     """One image ruler per (contrast, artifact): ``<out_dir>/ruler_<contrast>_<artifact>.png``, with the
     flagged volumes of that contrast placed on the score axis."""
-    from . import report
-    from .model import load_model
+    from . import figures
+    from ..encoder.checkpoint import load_model
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def plot_rulers(scores: pd.DataFrame, model_dir, out_dir, artifacts: Iterable[st
         for art in artifacts:
             rungs = ruler_rungs(model, ref["path"], art, severities, seed=seed)
             out = out_dir / f"ruler_{_safe(contrast)}_{_safe(art)}.png"
-            report.plot_image_ruler(rungs, out, art, contrast=f"{contrast}, reference {ref['volume_id']}",
+            figures.plot_image_ruler(rungs, out, art, contrast=f"{contrast}, reference {ref['volume_id']}",
                                     flagged=flagged[["volume_id", "score"]], threshold=threshold)
             log.info("ruler %s/%s: reference %s, rung scores %s", contrast, art, ref["volume_id"],
                      ", ".join(f"{r[2]:.2f}" for r in rungs))
@@ -167,16 +167,16 @@ def make_report_figures(
     device: str = "auto",
 ) -> dict[str, list[Path]]:
     """Every report figure (see the module docstring); returns the written paths by kind."""
-    from . import report
-    from .density import load_flow
+    from . import figures
+    from ..density.flow import load_flow
 
     out: dict[str, list[Path]] = {}
-    out["overview"] = [report.plot_cohort_overview(overview_table(volumes, failures, scores), failures, overview)]
-    out["distributions"] = [report.plot_score_distributions(scores, distributions, threshold=threshold)]
+    out["overview"] = [figures.plot_cohort_overview(overview_table(volumes, failures, scores), failures, overview)]
+    out["distributions"] = [figures.plot_score_distributions(scores, distributions, threshold=threshold)]
     flow = load_flow(flow_dir) if flow_dir else None
-    out["latent"] = [report.plot_latent_plane(scores, latent, flow=flow, taus=taus)]
+    out["latent"] = [figures.plot_latent_plane(scores, latent, flow=flow, taus=taus)]
     Path(thumbnails_dir).mkdir(parents=True, exist_ok=True)
-    out["thumbnails"] = report.plot_thumbnail_strips(scores, thumbnails_dir, k=thumbnails_k)
+    out["thumbnails"] = figures.plot_thumbnail_strips(scores, thumbnails_dir, k=thumbnails_k)
     out["rulers"] = plot_rulers(scores, model_dir, rulers_dir, ruler_artifacts, ruler_severities,
                                 threshold=threshold, seed=seed, device=device)
     return out
@@ -184,7 +184,7 @@ def make_report_figures(
 
 # ------------------------------------------------------------------------------------------ labels
 def rating_mapping(fail_values: Iterable, pass_values: Iterable) -> dict:
-    """``{rating: True (fail) / False (pass)}`` for :func:`artifactqc.evaluate.map_ratings`; a value in
+    """``{rating: True (fail) / False (pass)}`` for :func:`artifactqc.qc.evaluate.map_ratings`; a value in
     both lists is an error."""
     fail_values, pass_values = list(fail_values), list(pass_values)
     both = {str(v).strip().lower() for v in fail_values} & {str(v).strip().lower() for v in pass_values}
@@ -199,8 +199,8 @@ def label_frame(scores: pd.DataFrame, fail_values: Iterable, pass_values: Iterab
                 taus: Sequence[float] = (5, 3), threshold: float = 1.0) -> tuple[pd.DataFrame, list[str]]:
     """The ok, labelled rows with a boolean ``fail`` column and the flag columns to evaluate
     (``score>threshold``, ``flag_tau<τ>`` for each τ present, ``flagged``)."""
-    from .density import tau_column
-    from .evaluate import map_ratings
+    from ..density.flags import tau_column
+    from ..qc.evaluate import map_ratings
 
     df = scores[scores["status"].astype(str) == "ok"].copy()
     df["fail"] = map_ratings(df["label"], rating_mapping(fail_values, pass_values))
@@ -252,9 +252,9 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
     AUROC of the 0/1 flag), one for the continuous ``score`` and one per IQM of ``iqm_tables``
     (:func:`join_iqms`; AUROC, and ``auroc_oriented`` = max(AUROC, 1 − AUROC) with its direction, since
     some IQMs fall and others rise with damage), with stratified bootstrap 95 % CIs
-    (:func:`artifactqc.evaluate.evaluate_flags`). Also returns the ROC curves of the flags and the score for
-    :func:`artifactqc.report.plot_roc_curves`."""
-    from .evaluate import evaluate_flags, roc_curves
+    (:func:`artifactqc.qc.evaluate.evaluate_flags`). Also returns the ROC curves of the flags and the score for
+    :func:`artifactqc.report.figures.plot_roc_curves`."""
+    from ..qc.evaluate import evaluate_flags, roc_curves
 
     scores, iqm_cols = join_iqms(scores, iqm_tables)
     df, flags = label_frame(scores, fail_values, pass_values, taus, threshold)

@@ -1,206 +1,32 @@
-"""Training-data preprocessing: N4 bias-field correction and self-supervised super-resolution.
+"""Self-supervised super-resolution of a thick-slice (2D-acquired) training volume, in the spirit of SMORE /
+ECLARE (Zhao et al. 2020; Remedios et al. 2023) but written from scratch here:
 
-Only the encoder's *training* volumes pass through here (scoring reads raw files). Two steps:
-
-``n4``
-    ANTs N4 (``ants.n4_bias_field_correction``) inside a head mask, on an ANTs image whose spacing,
-    origin and direction come from the NIfTI affine (converted RAS → LPS as ITK does), so the
-    B-spline control-point distance is in millimetres.
-
-``superres``
-    Self-supervised super-resolution of a thick-slice (2D-acquired) volume, in the spirit of SMORE /
-    ECLARE (Zhao et al. 2020; Remedios et al. 2023) but written from scratch here:
-
-    1. the *through-plane* axis is the one with the largest spacing; the output grid is isotropic at
-       the smallest in-plane spacing;
-    2. training pairs come from the volume's own in-plane slices, which are high-resolution in both
-       directions: each is blurred along one in-plane direction with the slice profile (Gaussian with
-       FWHM = slice thickness, or a rect of that width), decimated to the through-plane spacing and
-       brought back with cubic B-spline interpolation; a small 2D residual CNN learns to undo that;
-    3. the volume is cubic-interpolated along the through-plane axis to the fine grid and the network
-       is applied to both orthogonal through-plane views; the two predictions are averaged.
+1. the *through-plane* axis is the one with the largest spacing; the output grid is isotropic at
+   the smallest in-plane spacing;
+2. training pairs come from the volume's own in-plane slices, which are high-resolution in both
+   directions: each is blurred along one in-plane direction with the slice profile (Gaussian with
+   FWHM = slice thickness, or a rect of that width), decimated to the through-plane spacing and
+   brought back with cubic B-spline interpolation; a small 2D residual CNN learns to undo that;
+3. the volume is cubic-interpolated along the through-plane axis to the fine grid and the network
+   is applied to both orthogonal through-plane views; the two predictions are averaged.
 
 Everything is deterministic for a given ``seed``; ``device="auto"`` picks CUDA when available and
 the CPU otherwise. Nothing is pickled: an optional per-volume model is written with safetensors.
+Also: the image-quality metrics the super-resolution benchmark reports (:func:`psnr`, :func:`ssim`).
 """
 
 from __future__ import annotations
-
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 import numpy as np
 from scipy import ndimage
-
-from . import io as aq_io
+from .. import io as aq_io
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# geometry helpers
-# ---------------------------------------------------------------------------------------------
-
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def _spacing_from(affine_or_spacing) -> tuple[np.ndarray, np.ndarray]:
-    """(spacing, 4x4 affine) from either an affine or a 3-vector of spacings."""
-    a = np.asarray(affine_or_spacing, dtype=np.float64)
-    if a.shape == (4, 4):
-        return aq_io.voxel_sizes(a), a
-    if a.shape == (3,):
-        return a.copy(), np.diag([*a, 1.0])
-    raise ValueError(f"expected a 4x4 affine or 3 spacings, got shape {a.shape}")
-
-
-def _ants_image(data: np.ndarray, affine: np.ndarray):
-    """An ANTs image with the spacing, origin and direction of a NIfTI affine (RAS → LPS)."""
-    import ants
-
-    spacing = aq_io.voxel_sizes(affine)
-    direction_ras = affine[:3, :3] / spacing[None, :]
-    direction = _RAS_TO_LPS @ direction_ras
-    origin = _RAS_TO_LPS @ affine[:3, 3]
-    return ants.from_numpy(
-        np.ascontiguousarray(data, dtype=np.float32),
-        origin=tuple(float(v) for v in origin),
-        spacing=tuple(float(v) for v in spacing),
-        direction=direction,
-    )
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (maximises the between-class variance)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    hist, edges = np.histogram(values, bins=bins)
-    centers = 0.5 * (edges[:-1] + edges[1:])
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[int(np.argmax(between[:-1]))])
-
-
-def head_mask(data: np.ndarray, method: str = "foreground") -> np.ndarray:
-    """A filled head mask: ``io.foreground_mask`` (default) or an Otsu threshold, then hole filling
-    and the largest connected component."""
-    data = np.asarray(data, dtype=np.float32)
-    if method == "otsu":
-        pos = data[data > 0]
-        mask = data > otsu_threshold(pos) if pos.size else np.zeros(data.shape, bool)
-    elif method == "foreground":
-        mask = aq_io.foreground_mask(data)
-    else:
-        raise ValueError(f"unknown mask method {method!r} (foreground or otsu)")
-    if not mask.any():
-        return mask
-    mask = ndimage.binary_closing(mask, iterations=2)
-    lab, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
-        mask = lab == (1 + int(np.argmax(sizes)))
-    return ndimage.binary_fill_holes(mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# N4
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class N4Params:
-    """N4 settings (the ``preprocess.n4`` block of the workflow config)."""
-
-    shrink_factor: int = 4
-    iters: tuple[int, ...] = (50, 50, 50, 50)
-    tol: float = 1e-7
-    spline_distance_mm: float = 200.0
-    mask: str = "foreground"  # foreground | otsu | none
-
-
-def n4(
-    data: np.ndarray,
-    affine_or_spacing,
-    mask: np.ndarray | None = None,
-    shrink_factor: int = 4,
-    iters=(50, 50, 50, 50),
-    tol: float = 1e-7,
-    spline_distance_mm: float = 200.0,
-    mask_method: str = "foreground",
-) -> tuple[np.ndarray, np.ndarray]:
-    """N4 bias-field correction. Returns ``(corrected, bias_field)`` (float32, same shape).
-
-    ``corrected = data / bias_field`` inside and outside the mask (the field is smooth everywhere).
-    ``mask`` defaults to :func:`head_mask` with ``mask_method`` (``"none"`` = whole volume).
-    ``spline_distance_mm`` is the B-spline control-point spacing in millimetres.
-    """
-    import ants
-
-    data = np.asarray(data, dtype=np.float32)
-    _, affine = _spacing_from(affine_or_spacing)
-    if mask is None and mask_method != "none":
-        mask = head_mask(data, method=mask_method)
-    # N4 works on log intensities: keep the data positive where it is estimated
-    floor = float(np.percentile(data[data > 0], 1)) * 1e-3 if np.any(data > 0) else 1e-3
-    work = np.maximum(data, floor)
-    img = _ants_image(work, affine)
-    kw = dict(
-        shrink_factor=int(shrink_factor),
-        convergence={"iters": [int(i) for i in iters], "tol": float(tol)},
-        spline_param=float(spline_distance_mm),
-        return_bias_field=True,
-    )
-    if mask is not None:
-        if mask.shape != data.shape:
-            raise ValueError(f"mask shape {mask.shape} differs from data shape {data.shape}")
-        if not mask.any():
-            raise ValueError("head mask is empty")
-        kw["mask"] = _ants_image(mask.astype(np.float32), affine)
-    bias = ants.n4_bias_field_correction(img, **kw).numpy().astype(np.float32)
-    bias = np.where(np.isfinite(bias) & (bias > 0), bias, 1.0).astype(np.float32)
-    corrected = (data / bias).astype(np.float32)
-    return corrected, bias
-
-
-def n4_file(
-    in_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    bias_path: str | os.PathLike | None = None,
-    max_mem_mb: float = 4096.0,
-    **params,
-) -> dict:
-    """N4-correct one NIfTI file, keeping its header and affine; optionally write the bias field.
-
-    Returns a small summary dict (seconds, bias range) for logs.
-    """
-    import nibabel as nib
-
-    t0 = time.perf_counter()
-    vol = aq_io.load_volume(in_path, max_mem_mb=max_mem_mb)
-    header = nib.load(str(in_path)).header.copy()
-    header.set_data_dtype(np.float32)
-    corrected, bias = n4(vol.data, vol.affine, **params)
-    aq_io.save_like(corrected, vol.affine, out_path, header=header)
-    if bias_path:
-        aq_io.save_like(bias, vol.affine, bias_path, header=header)
-    return {
-        "in": str(in_path),
-        "out": str(out_path),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "bias_min": float(bias.min()),
-        "bias_max": float(bias.max()),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# slice-profile degradation and cubic resampling along one axis
-# ---------------------------------------------------------------------------------------------
 
 
 def needs_superres(zooms, ratio: float = 1.5) -> bool:
@@ -314,9 +140,6 @@ def upsample_axis(low: np.ndarray, factor: float, axis: int, n_out: int | None =
     return resample_axis(low, np.arange(n_out) / factor, axis, order=3)
 
 
-# ---------------------------------------------------------------------------------------------
-# the network
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -593,9 +416,6 @@ def superres_file(
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# image-quality measures used by the tests and benchmarks
-# ---------------------------------------------------------------------------------------------
 
 
 def psnr(ref: np.ndarray, test: np.ndarray, mask: np.ndarray | None = None, peak: float | None = None) -> float:
@@ -625,125 +445,3 @@ def ssim(
     cxy = g(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(s[m].mean())
-
-
-# ---------------------------------------------------------------------------------------------
-# training-set selection and the training manifest
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_zooms(v) -> list[float]:
-    if isinstance(v, str):
-        import json
-
-        v = json.loads(v)
-    return [float(x) for x in list(v)[:3]]
-
-
-def _id_list(spec) -> set[str] | None:
-    """Volume ids from a list, or a file (one id per line, or a table with a volume_id column)."""
-    if spec is None or (isinstance(spec, str) and not spec.strip()):
-        return None
-    if isinstance(spec, (list, tuple, set)):
-        return {str(s) for s in spec}
-    p = str(spec)
-    if p.endswith((".tsv", ".csv", ".parquet")):
-        import pandas as pd
-
-        df = pd.read_parquet(p) if p.endswith(".parquet") else pd.read_csv(p, sep="\t" if p.endswith(".tsv") else ",", dtype=str)
-        if "volume_id" in df.columns:
-            return set(df["volume_id"].astype(str))
-    with open(p) as fh:
-        return {ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#") and ln.strip() != "volume_id"}
-
-
-def select_training(
-    volumes,
-    include_sites=(),
-    exclude_sites=(),
-    include_contrasts=(),
-    exclude_contrasts=(),
-    include_list=None,
-    exclude_list=None,
-    ratio: float = 1.5,
-):
-    """Which ingested volumes enter encoder training.
-
-    ``volumes`` is the ingested table (``volumes.parquet`` frame). Kept: ``status == ok``, not a
-    duplicate, site in ``include_sites`` (empty = all) and not in ``exclude_sites``, same for
-    contrasts, volume_id in ``include_list`` (``None``/'' = no restriction; a list or a file) and not
-    in ``exclude_list``. Returns ``volume_id, site, subject, contrast, raw_path, voxel_mm,
-    needs_superres`` sorted by volume_id (an empty frame if nothing is left).
-    """
-    import pandas as pd
-
-    df = volumes.copy()
-    keep = pd.Series(True, index=df.index)
-    if "status" in df.columns:
-        keep &= df["status"].astype(str) == "ok"
-    if "duplicate_of" in df.columns:
-        keep &= df["duplicate_of"].fillna("").astype(str) == ""
-    if include_sites:
-        keep &= df["site"].astype(str).isin([str(s) for s in include_sites])
-    if exclude_sites:
-        keep &= ~df["site"].astype(str).isin([str(s) for s in exclude_sites])
-    if include_contrasts:
-        keep &= df["contrast"].astype(str).isin([str(s) for s in include_contrasts])
-    if exclude_contrasts:
-        keep &= ~df["contrast"].astype(str).isin([str(s) for s in exclude_contrasts])
-    inc, exc = _id_list(include_list), _id_list(exclude_list)
-    if inc is not None:
-        keep &= df["volume_id"].astype(str).isin(inc)
-    if exc is not None:
-        keep &= ~df["volume_id"].astype(str).isin(exc)
-    sel = df[keep]
-    zooms = [_as_zooms(v) for v in sel["voxel_mm"]] if len(sel) else []
-    out = pd.DataFrame(
-        {
-            "volume_id": sel["volume_id"].astype(str).to_numpy(),
-            "site": sel["site"].astype(str).to_numpy(),
-            "subject": sel["subject"].astype(str).to_numpy() if "subject" in sel else "",
-            "contrast": sel["contrast"].astype(str).to_numpy(),
-            "raw_path": sel["path"].astype(str).to_numpy(),
-            "voxel_mm": [",".join(f"{z:g}" for z in zs) for zs in zooms],
-            "needs_superres": [needs_superres(zs, ratio) for zs in zooms],
-        }
-    )
-    return out.sort_values("volume_id").reset_index(drop=True)
-
-
-def select_training_file(volumes_path: str | os.PathLike, out_path: str | os.PathLike, **criteria) -> int:
-    """:func:`select_training` from a volumes table file to a TSV; returns the number selected.
-
-    An empty selection is an error (training on nothing would fail later and less clearly)."""
-    import pandas as pd
-
-    p = str(volumes_path)
-    vols = pd.read_parquet(p) if p.endswith(".parquet") else pd.read_csv(p, sep="\t", dtype=str)
-    sel = select_training(vols, **criteria)
-    if sel.empty:
-        raise ValueError(
-            f"training selection is empty: no volume of {p} with status ok passes the include/exclude "
-            f"settings {criteria} (config section `training`)"
-        )
-    from .atomic import write_tsv
-
-    write_tsv(sel, out_path)
-    return len(sel)
-
-
-def training_manifest(selection_path, preprocessed: dict[str, str], out_path) -> int:
-    """The manifest the training rule reads: the selection with ``path`` = the preprocessed file of
-    each volume (``preprocessed`` maps volume_id → path) and ``status`` = ok. Returns row count."""
-    import pandas as pd
-
-    sel = pd.read_csv(selection_path, sep="\t", dtype={"volume_id": str})
-    missing = sorted(set(sel["volume_id"]) - set(preprocessed))
-    if missing:
-        raise ValueError(f"no preprocessed file for {len(missing)} selected volumes, e.g. {missing[:3]}")
-    sel.insert(4, "path", [str(Path(preprocessed[v]).resolve()) for v in sel["volume_id"]])
-    sel["status"] = "ok"
-    from .atomic import write_tsv
-
-    write_tsv(sel, out_path)
-    return len(sel)

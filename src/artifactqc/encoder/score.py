@@ -1,12 +1,12 @@
 """Batch scoring of many volumes with one loaded encoder -> one row per input volume.
 
-Each volume goes through :func:`artifactqc.slices.extract_slices` with the slice geometry stored in the
+Each volume goes through :func:`artifactqc.encoder.slices.extract_slices` with the slice geometry stored in the
 model's ``model.json`` (the same code path as training), the slices run through the encoder in batches,
 and per-slice outputs are aggregated to the volume:
 
 * models with a volume head (``volume_head`` in ``model.json``; the default for newly trained models):
   the per-slice hidden features are pooled over the volume (mean over slices, max and min over the three
-  orientation means, :func:`artifactqc.model.pool_volume_features`) and the head gives score, the five
+  orientation means, :func:`artifactqc.encoder.network.pool_volume_features`) and the head gives score, the five
   severities and the latent (:func:`volume_outputs`);
 * older models: score, the five severities and the latent = **10 % trimmed mean** over all slices (three
   orientations, middle 60 % of the head). The trimmed mean is robust to a few odd slices (an eye, the edge
@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import io
-from .model import HEADS, load_model, resolve_device
+from .. import io
+from .checkpoint import load_model
+from .network import HEADS, resolve_device
 from .slices import extract_slices
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def aggregate(pred: dict, trim: float = TRIM) -> dict:
 
 
 def slice_axes(n: int) -> np.ndarray:
-    """Canonical orientation (0/1/2) of each of the ``n`` slices of :func:`artifactqc.slices.extract_from_array`,
+    """Canonical orientation (0/1/2) of each of the ``n`` slices of :func:`artifactqc.encoder.slices.extract_from_array`,
     which returns equal blocks of the three orientations in axis order."""
     if n % 3:
         raise ValueError(f"expected equal blocks of slices for the three orientations, got {n} slices")
@@ -94,12 +95,12 @@ def slice_axes(n: int) -> np.ndarray:
 
 
 def volume_outputs(model: torch.nn.Module, pred: dict) -> dict:
-    """Volume-level values: the model's :class:`~artifactqc.model.VolumeHead` on the pooled per-slice
+    """Volume-level values: the model's :class:`~artifactqc.encoder.network.VolumeHead` on the pooled per-slice
     features if it has one, else the trimmed mean of the per-slice outputs (:func:`aggregate`)."""
     head = getattr(model, "volume_head", None)
     if head is None:
         return aggregate(pred)
-    from .model import pool_volume_features
+    from .network import pool_volume_features
 
     axis = slice_axes(len(pred["hidden"]))
     dev = next(head.parameters()).device

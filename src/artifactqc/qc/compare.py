@@ -10,15 +10,15 @@ from the cohort itself, so it needs no extra data:
 2. :func:`simulated_rows` (per contrast: :func:`simulate_contrast`, one workflow job each; :func:`summarise`
    gathers them) corrupts each reference volume at every (artifact, severity) with
    :func:`artifactqc.simulate.simulate_volume` (3D, native resolution; intensities brought to ~[0, 1] by a
-   pure scale, :func:`artifactqc.model.scale_for_simulation`, as for the encoder's training pool, so the
+   pure scale, :func:`artifactqc.encoder.slices.scale_for_simulation`, as for the encoder's training pool, so the
    background and its noise floor stay for the IQMs that need them: EFC, FBER, SNRd, QI1) and measures the corrupted volume twice: the encoder's score and per-artifact
-   severities through the same slice path as cohort scoring (:func:`artifactqc.slices.extract_from_array`,
-   :func:`artifactqc.score.aggregate`), and artifactqc's MRIQC-style IQMs
-   (:func:`artifactqc.iqm.compute_iqms`). Severity 0 (the clean volume) is measured once and counted in
+   severities through the same slice path as cohort scoring (:func:`artifactqc.encoder.slices.extract_from_array`,
+   :func:`artifactqc.encoder.score.aggregate`), and artifactqc's MRIQC-style IQMs
+   (:func:`artifactqc.qc.iqm.compute_iqms`). Severity 0 (the clean volume) is measured once and counted in
    every artifact type's rows, as the clean end of each ladder.
-3. :func:`comparison_table` is :func:`artifactqc.evaluate.compare_with_severity` over the score and the IQMs
+3. :func:`comparison_table` is :func:`artifactqc.qc.evaluate.compare_with_severity` over the score and the IQMs
    (per type and severity: n, mean, sd; per type: Pearson and Spearman r with the severity), and
-   :func:`artifactqc.evaluate.to_markdown` renders it.
+   :func:`artifactqc.qc.evaluate.to_markdown` renders it.
 
 The same seed gives the same random draws (ghost count, motion timing, noise) at every severity of one
 volume and artifact, so each ladder differs only in severity.
@@ -37,7 +37,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-#: IQMs in the comparison table (Hays et al. used the first four); see :data:`artifactqc.iqm.IQM_COLUMNS`.
+#: IQMs in the comparison table (Hays et al. used the first four); see :data:`artifactqc.qc.iqm.IQM_COLUMNS`.
 COMPARE_IQMS = ("cjv", "cnr", "efc", "fber", "snr_total", "inu_med", "qi_1")
 
 
@@ -61,7 +61,7 @@ ROW_DOCS = {
 TABLE_DOCS = {
     "artifact": "artifact type, or 'all' (pooled)",
     "severity_bin": "simulated severity, or 'all' (the row carrying the correlations)",
-    "metric": "'score' (artifactqc encoder) or an IQM name (artifactqc.iqm)",
+    "metric": "'score' (artifactqc encoder) or an IQM name (artifactqc.qc.iqm)",
     "n": "number of simulated volumes with a finite value",
     "mean": "mean of the metric",
     "sd": "standard deviation of the metric (ddof 1)",
@@ -124,8 +124,8 @@ def reference_volumes(
 def _measure(model, data, affine, contrast, use_n4, seed) -> dict:
     """Encoder outputs and IQMs of one (possibly corrupted) volume."""
     from . import iqm
-    from .score import predict_volume
-    from .slices import extract_from_array
+    from ..encoder.score import predict_volume
+    from ..encoder.slices import extract_from_array
 
     row: dict = {}
     t0 = time.perf_counter()
@@ -157,9 +157,9 @@ def simulated_rows(
 ) -> pd.DataFrame:
     """One row per (reference volume, artifact, severity): the score, the five severity heads, the IQMs and
     the simulator's parameters (``params`` as JSON). See the module docstring."""
-    from .io import load_volume
-    from .model import scale_for_simulation
-    from .simulate import simulate_volume
+    from ..io import load_volume
+    from ..encoder.slices import scale_for_simulation
+    from ..simulate import simulate_volume
 
     sevs = sorted({float(s) for s in severities})
     rows = []
@@ -231,7 +231,7 @@ def simulate_contrast(
 ) -> pd.DataFrame:
     """The simulated rows of one contrast (rule ``compare_simulate``, one job per contrast); no rows when the
     contrast has no ok, unflagged volume."""
-    from .model import load_model
+    from ..encoder.checkpoint import load_model
 
     refs = reference_volumes(scores, per_contrast, exclude_paths, contrasts=[contrast])
     if refs.empty:

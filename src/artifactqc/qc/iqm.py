@@ -654,7 +654,7 @@ def compute_iqms(
     Raises :class:`artifactqc.io.VolumeError` for unreadable files and ``ValueError`` for an
     unsupported contrast or an empty mask; :func:`iqm_table` turns these into failed rows.
     """
-    from . import io as aio
+    from .. import io as aio
 
     if isinstance(path_or_volume, (str, os.PathLike)):
         vol = aio.load_volume(path_or_volume)
@@ -723,7 +723,7 @@ def iqm_table(
     """
     import pandas as pd
 
-    from .io import VolumeError
+    from ..io import VolumeError
 
     paths = [str(p) for p in paths]
     if isinstance(contrasts, str):

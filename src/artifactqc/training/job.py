@@ -12,16 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
-from .jobguard import exit_when_orphaned, staging_dir
+from ..jobguard import exit_when_orphaned, staging_dir
 
 
 def train_model_folder(manifest: str | os.PathLike, weights_out: str | os.PathLike, **train_kwargs) -> dict:
-    """Train on ``manifest`` (see :func:`artifactqc.model.train_from_cli` for ``train_kwargs``) and place
+    """Train on ``manifest`` (see :func:`artifactqc.training.loop.train_from_cli` for ``train_kwargs``) and place
     ``encoder.safetensors`` + ``model.json`` in the folder of ``weights_out``. Returns the metrics."""
     out = Path(weights_out).parent
     # first, before the seconds of importing torch: a run killed meanwhile ends this job at once
     exit_when_orphaned(on_exit=functools.partial(shutil.rmtree, out / f".partial-{os.getpid()}", ignore_errors=True))
-    from .model import train_from_cli
+    from .loop import train_from_cli
 
     with staging_dir(out) as stage:
         return train_from_cli([], str(manifest), str(stage), **train_kwargs)
