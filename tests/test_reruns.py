@@ -235,3 +235,28 @@ def test_job_exits_when_its_snakemake_is_killed(tmp_path):
         time.sleep(0.1)
     assert not any(jobguard._alive(p) and "job.py" in jobguard._cmdline(p) for p in pids), "orphaned job still runs"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".writer")) == []
+
+
+# --- item 4: with a step budget the clock can only stop training, never shape it -------------------------
+
+def _tiny_training(data, tmp_path, name, **kw):
+    from artifactqc.training.loop import train_encoder
+
+    vols = [str(data / p) for p in ("volumes/NiChart/IXI012-HH-1211_T1.nii.gz", "volumes/NiChart/IXI015-HH-1258_T1.nii.gz",
+                                    "volumes/nibabel/anatomical.nii.gz")]
+    out = tmp_path / name
+    metrics = train_encoder(vols, out, epochs=2, steps_per_epoch=2, batch_size=4, image_size=32, pixel_mm=4.0,
+                            train_slices_per_axis=3, val_severities=(0.5,), pool_size=4, pool_init_per_volume=1,
+                            pool_refresh=1, threads=1, device="cpu", bn_recalib_batches=1, seed=0, **kw)
+    return metrics, (out / "encoder.safetensors").read_bytes()
+
+
+@pytest.mark.realdata
+def test_step_budget_training_ignores_the_clock(tmp_path, shared_data):
+    free, w_free = _tiny_training(shared_data, tmp_path, "free")
+    capped, w_capped = _tiny_training(shared_data, tmp_path, "capped", max_minutes=600)
+    assert w_free == w_capped  # a far-away time limit changes nothing (it used to pace the learning rate)
+    assert not capped["stopped_by_clock"] and capped["epochs_run"] == 2
+    stopped, _ = _tiny_training(shared_data, tmp_path, "stopped", max_minutes=1e-4)
+    assert stopped["stopped_by_clock"] and stopped["epochs_run"] == 1
+    assert stopped["stop_reason"].startswith("safety stop: time limit")

@@ -95,7 +95,11 @@ def train_encoder(
     With ``volume_head`` (default) :func:`fit_volume_head` runs on the best weights and the final pool at the
     end (``max_minutes`` keeps up to 90 s for it). BatchNorm statistics are
     recomputed exactly before each validation (``bn_recalib_batches`` training batches). Early stopping on
-    ``val_loss`` with ``patience``; ``max_minutes`` caps the whole run. Broken or too-small training files
+    ``val_loss`` with ``patience``. With a fixed ``pool_refresh`` the run is counted in steps and is
+    deterministic for a seed, config, data and thread count on CPU: ``max_minutes`` is then only a safety
+    stop checked after each epoch (``stop_reason`` starts with "safety stop", ``stopped_by_clock``, a
+    warning), and the volume-head fit is not cut by it. Without ``pool_refresh`` (the time-shared mode)
+    ``max_minutes`` caps the whole run and also paces the learning rate. Broken or too-small training files
     are skipped with a warning (recorded in ``model.json``). ``simulate_fn(data, artifact, severity, seed,
     spacing) -> (array, params)`` overrides the 3D simulator and ``simulate_slices_fn`` the 2D one (tests).
     ``match_ssim`` makes the 3D simulator match every training and validation sample's masked SSIM to its
@@ -122,6 +126,9 @@ def train_encoder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     deadline = None if max_minutes is None else t_start + 60.0 * float(max_minutes)
+    # with a fixed pool refresh the run is counted in steps: the clock may only stop it (a reported safety
+    # stop), never shape it (pool sizes, learning rate, head fit); without one, the legacy time-shared run
+    step_budget = pool_refresh is not None
 
     vols = [str(v) for v in volumes]
     if val_volumes is not None:
@@ -171,7 +178,7 @@ def train_encoder(
     pool = _Pool(tr_vols, train_cfg, pool_size, seed, simulate_fn, aug)
     n_init = min(pool.capacity, max(2, int(pool_init_per_volume) * len(tr_vols)))
     t0 = time.perf_counter()
-    init_budget = None if deadline is None else 0.35 * (deadline - time.perf_counter())
+    init_budget = None if deadline is None or step_budget else 0.35 * (deadline - time.perf_counter())
     pool.fill(n_init, init_budget)
     log.info("initial pool: %d corrupted volumes in %.1f s (%.2f s each)", len(pool.entries),
              time.perf_counter() - t0, (time.perf_counter() - t0) / max(1, len(pool.entries)))
@@ -187,7 +194,8 @@ def train_encoder(
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ema_decay)), use_buffers=False)
-    head_reserve = 0.0 if not volume_head or deadline is None else min(90.0, 0.08 * (deadline - time.perf_counter()))
+    head_reserve = (0.0 if not volume_head or deadline is None or step_budget
+                    else min(90.0, 0.08 * (deadline - time.perf_counter())))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = max(1, epochs * steps_per_epoch)
     t_loop = time.perf_counter()
@@ -195,10 +203,10 @@ def train_encoder(
 
     def set_lr() -> float:
         """Warm-up (first 10 %) then cosine decay to 2 % of ``lr`` over the run's progress: the larger of the
-        step fraction and, with ``max_minutes``, the elapsed fraction of the remaining time budget (so a
-        time-capped run still anneals)."""
+        step fraction and, with ``max_minutes`` and no fixed ``pool_refresh``, the elapsed fraction of the
+        remaining time budget (so a time-capped run still anneals)."""
         prog = step / total_steps
-        if deadline is not None:
+        if deadline is not None and not step_budget:
             prog = max(prog, (time.perf_counter() - t_loop) / max(1e-6, deadline - t_loop))
         prog = min(prog, 1.0)
         f = min(1.0, (prog + 1.0 / total_steps) / 0.1) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * prog)))
@@ -322,7 +330,13 @@ def train_encoder(
                 stop_reason = f"early stopping: no improvement for {patience} epochs"
                 log.info(stop_reason)
                 break
-        if deadline is not None and time.perf_counter() + 1.2 * t_train + head_reserve > deadline:
+        if step_budget and deadline is not None and epoch < epochs and time.perf_counter() > deadline:
+            stop_reason = (f"safety stop: time limit of {max_minutes} min after epoch {epoch} of {epochs} (the step "
+                           "budget was not reached; this model depends on the machine's speed)")
+            log.warning(stop_reason)
+            break
+        if (not step_budget and deadline is not None
+                and time.perf_counter() + 1.2 * t_train + head_reserve > deadline):
             stop_reason = f"time limit of {max_minutes} min"
             log.info("stopping: %s", stop_reason)
             break
@@ -331,7 +345,7 @@ def train_encoder(
         model.load_state_dict(best_state)
     head_metrics = None
     if volume_head:
-        budget = None if deadline is None else max(20.0, deadline - time.perf_counter())
+        budget = None if deadline is None or step_budget else max(20.0, deadline - time.perf_counter())
         head_metrics = fit_volume_head(model, pool.entries, val_items, seed=seed, max_seconds=budget, device=dev)
         # the head was fitted on the features of the current BatchNorm statistics: keep them
         head_metrics["final"] = evaluate(model, recalibrate=False)
@@ -352,6 +366,7 @@ def train_encoder(
         "best_val_loss": best["val_loss"],
         "epochs_run": len(history),
         "stop_reason": stop_reason,
+        "stopped_by_clock": stop_reason.startswith(("safety stop", "time limit")),
         "train_seconds": time.perf_counter() - t_start,
         "simulation_seconds": pool.sim_seconds,
         "n_corrupted_volumes": pool.made,
