@@ -11,6 +11,8 @@ said "1 of 1 steps (100%) done" and exited 0 without the flow and the cohort tab
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -92,3 +94,26 @@ def test_workflow_training_is_bit_identical(tmp_path, shared_data, clean_run):
     attempt = faults.run(again)
     assert attempt.returncode == 0, attempt.output[-3000:]
     assert_same_results(again, clean_run)
+
+
+def _dry_run(workdir: Path, *config: str) -> subprocess.CompletedProcess:
+    return subprocess.run(faults.command(workdir, "-n", "--config", *config), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_new_encoder_plans_a_new_flow_and_bad_pretrained_is_refused(clean_run, tmp_path):
+    """Item 1: after a finished run, a new model.id plans the training *and* a flow fitted on the new
+    encoder's latents (it used to plan train_encoder only and reuse the old flow). Item 3: an unusable
+    model.pretrained stops the workflow when it loads, naming the path."""
+    res = _dry_run(clean_run, "model={id: tiny2, pretrained: ''}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = res.stdout + res.stderr
+    for rule in ("train_encoder", "fit_flow", "score_shard", "density_shard", "cohort_scores"):
+        assert re.search(rf"^(local)?rule {rule}:", plan, re.M), (rule, plan[-3000:])
+    assert "results/flows/tiny2/f1/flow.json" in plan
+    only_pt = tmp_path / "only_pt"
+    only_pt.mkdir()
+    (only_pt / "encoder.pt").write_bytes(b"not a model")
+    for folder, message in ((tmp_path / "nowhere", "no such folder"), (only_pt, "no model.json")):
+        res = _dry_run(clean_run, f"model={{id: other, pretrained: '{folder}'}}")
+        assert res.returncode != 0 and f"model.pretrained '{folder}': {message}" in res.stdout + res.stderr

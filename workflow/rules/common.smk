@@ -242,8 +242,8 @@ TRAINING_VOLUME_ID = r"[A-Za-z0-9_.-]+"
 
 
 def training_manifest():
-    """The frozen training manifest. Not ancient (see "Frozen manifests" above): it depends on the frozen
-    selection only, never on the cohort tables, so a growing cohort does not rewrite it."""
+    """The frozen training manifest. Not ancient (see "frozen manifests and reruns" above): it depends on
+    the frozen selection only, never on the cohort tables, so a growing cohort does not rewrite it."""
     return rules.select_training.output[0]
 
 
