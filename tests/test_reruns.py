@@ -260,3 +260,11 @@ def test_step_budget_training_ignores_the_clock(tmp_path, shared_data):
     stopped, _ = _tiny_training(shared_data, tmp_path, "stopped", max_minutes=1e-4)
     assert stopped["stopped_by_clock"] and stopped["epochs_run"] == 1
     assert stopped["stop_reason"].startswith("safety stop: time limit")
+
+
+def test_gather_refuses_a_cohort_table_missing_ingested_volumes():
+    part = pd.DataFrame({"volume_id": ["a", "b"], "site": ["S", "S"], "status": ["ok", "ok"],
+                         "log_density": [0.0, 1.0]})
+    assert len(shards.gather([part], ingested=pd.DataFrame({"volume_id": ["a", "b"]}))) == 2
+    with pytest.raises(shards.IncompleteCohort, match="1 ingested volume"):
+        shards.gather([part], ingested=pd.DataFrame({"volume_id": ["a", "b", "c"]}))

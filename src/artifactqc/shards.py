@@ -191,10 +191,21 @@ def check_flow_encoder(rows: pd.DataFrame, flow_dir: str | Path) -> None:
         )
 
 
-def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference: int = 20) -> pd.DataFrame:
-    """The cohort table from shard tables; with ``per_site`` adds within-site percentiles."""
+class IncompleteCohort(ValueError):
+    """The score shards do not cover every ingested volume."""
+
+
+def gather(parts: list[pd.DataFrame], per_site: bool = False, min_site_reference: int = 20,
+           ingested: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The cohort table from shard tables; with ``per_site`` adds within-site percentiles. With ``ingested``
+    (``volumes.parquet``), every ingested volume must have a row (else :class:`IncompleteCohort`)."""
     parts = [p for p in parts if len(p)]
     cohort = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMN_DOCS))
+    if ingested is not None:
+        lost = sorted(set(ingested["volume_id"].astype(str)) - set(cohort["volume_id"].astype(str)))
+        if lost:
+            raise IncompleteCohort(f"{len(lost)} ingested volume(s) have no score row, e.g. {lost[:5]}: the score "
+                                   "shards are older than the cohort table; rerun")
     if per_site and len(cohort):
         from .density.flags import site_percentiles
 

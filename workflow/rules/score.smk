@@ -97,6 +97,10 @@ rule cohort_scores:
     input:
         parts=shard_files(rules.density_shard.output[0]),
         failures=shard_files(rules.score_shard.output.failures),
+        # a plain edge from ingest to the cohort table: whenever ingest reruns, the table is looked at (and
+        # every ingested volume must have a row), even though the frozen manifests behind ingest's
+        # ancient() edges are not (see "frozen manifests and reruns" in common.smk)
+        volumes=rules.ingest.output.volumes,
     output:
         parquet="results/scores/cohort.parquet",
         tsv="results/scores/cohort.tsv",

@@ -11,6 +11,7 @@ cohort = shards.gather(
     [pd.read_parquet(p) for p in snakemake.input.parts],
     per_site=snakemake.params.per_site,
     min_site_reference=snakemake.params.min_site_reference,
+    ingested=pd.read_parquet(snakemake.input.volumes, columns=["volume_id"]),
 )
 fails = pd.concat([pd.read_parquet(p) for p in snakemake.input.failures], ignore_index=True)
 write_parquet(cohort, snakemake.output.parquet, shards.COLUMN_DOCS)
