@@ -150,7 +150,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="scratch folder (several GB free)")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--points", type=str, default="", help="comma-separated kill point numbers (default: all)")
+    ap.add_argument("--table-from", type=Path, nargs="*", default=None,
+                    help="only write results.md/json from the JSON rows printed by earlier runs (logs); a later "
+                         "row of the same kill point replaces an earlier one")
+    ap.add_argument("--clean-seconds", type=float, default=float("nan"), help="with --table-from")
     args = ap.parse_args(argv)
+    if args.table_from is not None:
+        rows = {}
+        for log in args.table_from:
+            for line in log.read_text().splitlines():
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    rows[row["#"]] = row
+        rows = [rows[k] for k in sorted(rows)]
+        write_results(rows, args.clean_seconds, HERE / "results.md")
+        (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     clean = faults.setup(args.out / "clean", args.data)
@@ -158,6 +173,7 @@ def main(argv=None) -> int:
     if first.returncode != 0 or faults.targets_present(clean):
         raise SystemExit(f"uninterrupted run failed:\n{first.output[-3000:]}")
     clean_seconds = time.time() - t0
+    print(f"uninterrupted run: {clean_seconds:.0f} s", flush=True)
     pick = {int(x) for x in args.points.split(",") if x} or set(range(1, len(KILL_POINTS) + 1))
     snaps = make_snapshots(args.out, args.data, {kp.start_from for i, kp in enumerate(KILL_POINTS, 1) if i in pick})
     rows = [run_point(i, kp, snaps, args.out, clean) for i, kp in enumerate(KILL_POINTS, 1) if i in pick]
