@@ -192,9 +192,20 @@ def scoring_model():
 # follows only edges that are not "ancient and existing": a consumer behind such an edge is never looked
 # at, even when its own outputs are missing. With ancient() on fit_flow's reference input, a rerun after
 # `kill -9` during reference_manifest reran that job alone and exited 0 without the flow or the cohort
-# tables. Every remaining ancient edge has a plain path from its producer to the final targets, so the
+# tables. Worse, ancient(rules.ingest.output.volumes) flagged ingest's output object itself (ancient()
+# flags in place), so every edge from ingest, even the one into `all`, was ancient: a rerun of the ingest
+# gather after a kill ran that job alone. frozen_input() flags a copy. Every remaining ancient edge
+# has a plain path from its producer to the final targets, so the
 # targets are always evaluated; outputs are written atomically (artifactqc.atomic), so an existing file is
 # a complete one; and check_requested_targets() fails a run that ends with a requested target missing.
+
+
+def frozen_input(path):
+    """``ancient()`` on a copy of ``path``. Snakemake's ancient() flags the string it is given in place, so
+    ``ancient(rules.ingest.output.volumes)`` marked ingest's output itself: every other rule reading
+    ``rules.ingest.output.volumes`` (the target rule `all` included) then had an ancient edge too, and a
+    rerun of ingest reached none of them."""
+    return ancient(str(path))
 
 
 def reference_score_shards(wildcards):
@@ -209,7 +220,7 @@ def reference_score_shards(wildcards):
         ids = set(pd.read_csv(ref, sep="\t", usecols=["volume_id"], dtype=str)["volume_id"])
         keys = [k for k, rows in SHARDS.items() if rows["volume_id"].isin(ids).any()]
     paths = expand(rules.score_shard.output.rows, zip, site=[k[0] for k in keys], part=[k[1] for k in keys])
-    return [ancient(p) for p in paths]
+    return [frozen_input(p) for p in paths]
 
 
 def scoring_config_sha256():

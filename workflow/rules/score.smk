@@ -37,7 +37,7 @@ rule score_shard:
 
 rule reference_manifest:
     input:
-        ancient(rules.ingest.output.volumes),
+        frozen_input(rules.ingest.output.volumes),
     output:
         "results/flows/{model_id}/{flow_id}/reference.tsv",
     params:
