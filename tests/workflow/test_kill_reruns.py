@@ -117,3 +117,15 @@ def test_new_encoder_plans_a_new_flow_and_bad_pretrained_is_refused(clean_run, t
     for folder, message in ((tmp_path / "nowhere", "no such folder"), (only_pt, "no model.json")):
         res = _dry_run(clean_run, f"model={{id: other, pretrained: '{folder}'}}")
         assert res.returncode != 0 and f"model.pretrained '{folder}': {message}" in res.stdout + res.stderr
+
+
+def test_rerun_of_ingest_reaches_the_tables_but_not_the_frozen_manifests(clean_run):
+    """A rerun of the ingest gather (after a kill, or forced) must reach the cohort tables, while the frozen
+    manifests behind their ancient() edges stay as they are. Before frozen_input(), ancient() had flagged
+    ingest's output object itself, every edge out of ingest was ancient, and the rerun ran `ingest` alone."""
+    res = subprocess.run(faults.command(clean_run, "-n", "--forcerun", "ingest", "--", *faults.TARGETS),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    planned = set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", res.stdout + res.stderr, re.M))
+    assert {"ingest", "cohort_scores"} <= planned, planned
+    assert not planned & {"training_selection", "reference_manifest", "train_encoder", "fit_flow"}, planned
