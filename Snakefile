@@ -29,6 +29,7 @@ onstart:
 
 
 onsuccess:
+    check_requested_targets()
     write_run_record("finished")
 
 

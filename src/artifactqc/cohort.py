@@ -51,7 +51,9 @@ VOLUME_COLUMNS = COHORT_COLUMNS + (
     "duplicate_of",
     "artifactqc_version",
 )
-FAILURE_COLUMNS = ("volume_id", "path", "stage", "error_type", "message")
+FAILURE_COLUMNS = ("volume_id", "site", "path", "stage", "error_type", "message")
+#: Fields of a failure tuple as the checks produce it (the site is added from the cohort row).
+FAILURE_FIELDS = ("volume_id", "path", "stage", "error_type", "message")
 
 #: Column descriptions stored in the Parquet schema metadata.
 COLUMN_DOCS = {
@@ -97,8 +99,12 @@ def read_sheet(path: str | os.PathLike) -> pd.DataFrame:
         raise CohortError(f"{path}: cohort sheet does not exist")
     try:
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    except pd.errors.EmptyDataError:
+        raise CohortError(f"{path}: the cohort sheet is empty (no header, no rows)") from None
     except Exception as exc:
         raise CohortError(f"{path}: cannot be read as a tab-separated sheet ({exc})") from exc
+    if df.empty:
+        raise CohortError(f"{path}: the cohort sheet has a header but no rows: no volume to process")
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in REQUIRED_SHEET_COLUMNS if c not in df.columns]
     if missing:
@@ -213,6 +219,11 @@ def discover_bids(
                 site = site_constant if site_constant is not None else sites.get(subject, "")
                 rows.append((stem, site, subject, ses, BIDS_SUFFIXES[suffix], e.path, stem, ""))
     df = pd.DataFrame(rows, columns=list(COHORT_COLUMNS))
+    if df.empty:
+        raise CohortError(
+            f"{root}: no anatomical images found (looked for sub-*/[ses-*/]anat/*_{{"
+            + ",".join(sorted(BIDS_SUFFIXES)) + "}.nii[.gz]): no volume to process"
+        )
     missing_site = df["site"] == ""
     if missing_site.any():
         subs = sorted(set(df.loc[missing_site, "subject"]))[:5]
@@ -242,14 +253,18 @@ def split_valid(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     first_path = dict(zip(ok.loc[~dup, "volume_id"], ok.loc[~dup, "path"]))
     for _, r in ok[dup].iterrows():
         fails.append(
-            (r.volume_id, r.path, "ingest", "duplicate_id",
+            (r.volume_id, r.site, r.path, "ingest", "duplicate_id",
              f"volume_id {r.volume_id!r} already used for {first_path[r.volume_id]}; this row was not ingested")
         )
-    return ok[~dup].reset_index(drop=True), failures_frame(fails)
+    return ok[~dup].reset_index(drop=True), pd.DataFrame(fails, columns=list(FAILURE_COLUMNS)).astype(str)
 
 
-def failures_frame(rows=()) -> pd.DataFrame:
-    return pd.DataFrame(list(rows), columns=list(FAILURE_COLUMNS)).astype(str)
+def failures_frame(rows=(), sites=None) -> pd.DataFrame:
+    """The failures table from ``(volume_id, path, stage, error_type, message)`` tuples; ``sites`` maps
+    volume_id to the cohort row's site (the ``site`` column; '' for an id it does not know)."""
+    df = pd.DataFrame(list(rows), columns=list(FAILURE_FIELDS)).astype(str)
+    df.insert(1, "site", df["volume_id"].map(dict(sites or {})).fillna("").astype(str))
+    return df
 
 
 def shard_cohort(df: pd.DataFrame, shard_size: int = 500) -> dict[tuple[str, int], pd.DataFrame]:
@@ -331,7 +346,7 @@ def ingest_rows(rows: pd.DataFrame, max_mem_mb: float = 4096.0, n_jobs: int = 1)
     log.info("ingested %d volumes (%d failed) in %.1f s", len(vols), len(fails), time.perf_counter() - t0)
     extra = [c for c in rows.columns if c not in VOLUME_COLUMNS]
     volumes = pd.DataFrame(vols, columns=list(VOLUME_COLUMNS) + extra)
-    return volumes, failures_frame(fails)
+    return volumes, failures_frame(fails, sites=zip(rows["volume_id"], rows["site"]))
 
 
 def mark_duplicate_content(volumes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -348,7 +363,7 @@ def mark_duplicate_content(volumes: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
             (r.volume_id, r.path, "ingest", "duplicate_content",
              f"identical file content (sha256 {r.sha256[:12]}…) to volume {other!r}; kept, not dropped")
         )
-    return volumes, failures_frame(fails)
+    return volumes, failures_frame(fails, sites=zip(volumes["volume_id"], volumes["site"]))
 
 
 def combine_ingest(volume_parts, failure_parts, sheet_failures=None):

@@ -29,6 +29,7 @@ ERROR_TYPES = (
     "truncated",
     "nonfinite_voxels",
     "all_zero",
+    "constant",
     "multi_volume",
     "single_slice",
     "too_large",
@@ -212,6 +213,8 @@ def load_volume(path: str | os.PathLike, max_mem_mb: float = 4096.0, check_conte
             raise VolumeError(p, "nonfinite_voxels", f"{bad:,} voxels are NaN or Inf")
         if lo == 0.0 and hi == 0.0:
             raise VolumeError(p, "all_zero", "every voxel is zero")
+        if lo == hi:
+            raise VolumeError(p, "constant", f"every voxel has the same value ({lo:g}): no image content")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return Volume(
         path=str(p),

@@ -107,8 +107,9 @@ def run_manifest(config: dict, **extra) -> dict:
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    from .atomic import write_text
+
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_parquet(
@@ -126,8 +127,10 @@ def write_parquet(
     schema_meta = dict(table.schema.metadata or {})
     schema_meta[b"artifactqc"] = canonical_json({"artifactqc_version": __version__, **(meta or {})}).encode()
     table = table.cast(pa.schema(fields, metadata=schema_meta))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def column_descriptions(path: str | os.PathLike) -> dict[str, str]:

@@ -2,6 +2,7 @@
 # Reading the cohort (a TSV sheet, a BIDS listing or the demo's sheet) is the only thing done at
 # parse time; it takes seconds even for 100,000 volumes (benchmarks/bids_discovery).
 
+import dataclasses
 import math
 import os
 from datetime import datetime, timezone
@@ -14,10 +15,40 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from artifactqc import cohort as aq_cohort
+from artifactqc import config_check as aq_check
 from artifactqc import provenance as aq_prov
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+def check_config():
+    """Unknown keys (with "did you mean"), the schema, then the cross-checks the schema cannot express.
+    Returns the pretrained model's model.json (None when the workflow trains its encoder)."""
+    schema = yaml.safe_load(Path(workflow.source_path("../schemas/config.schema.yaml")).read_text())
+    problems = aq_check.unknown_keys(config, schema)
+    if problems:
+        raise WorkflowError("config: " + "; ".join(problems))
+    validate(config, schema="../schemas/config.schema.yaml")
+    from artifactqc.training.config import TrainConfig
+
+    problems = aq_check.check_names(config["train"]["settings"], train_settings_names(TrainConfig), "train.settings")
+    problems += aq_check.check_flag_rule(config["flags"]["rule"], config["flags"]["taus"])
+    if problems:
+        raise WorkflowError("config: " + "; ".join(problems))
+    if not config["model"]["pretrained"]:
+        return None
+    try:
+        return aq_check.check_pretrained(config["model"]["pretrained"], config["model"]["id"])
+    except aq_check.ConfigError as exc:
+        raise WorkflowError(f"config: {exc}")
+
+
+def train_settings_names(train_config_cls):
+    """Trainer settings train.settings may hold: the TrainConfig fields that have no key of their own."""
+    own = {"seed", "threads", "epochs", "steps_per_epoch", "batch_size", "lr", "patience", "pool_refresh",
+           "max_minutes", "volume_head"}
+    return [f.name for f in dataclasses.fields(train_config_cls) if f.name not in own]
+
+
+PRETRAINED = check_config()
 
 DEMO_ROOT = "results/demo/volumes"
 
@@ -63,6 +94,8 @@ SHARD_PARTS = [part for _, part in SHARDS]
 wildcard_constraints:
     site=r"[A-Za-z0-9_.-]+",
     part=r"\d+",
+    model_id=r"[A-Za-z0-9_.-]+",
+    flow_id=r"[A-Za-z0-9_.-]+",
 
 
 def shard_rows(wildcards):
@@ -125,7 +158,7 @@ def training_selection_files():
     simulated comparison set); none for a pretrained model."""
     if config["model"]["pretrained"]:
         return []
-    return [ancient(rules.training_selection.output[0])]
+    return [rules.training_selection.output[0]]
 
 
 def compare_parts():
@@ -140,7 +173,39 @@ def scoring_enabled():
 
 
 def flow_files():
-    return expand(rules.fit_flow.output, flow_id=config["flow"]["id"])
+    """The flow fitted on this run's encoder: results/flows/<model.id>/<flow.id>/."""
+    return expand(rules.fit_flow.output, model_id=config["model"]["id"], flow_id=config["flow"]["id"])
+
+
+def scoring_model():
+    """The encoder a score shard is made with, as a parameter: a shard reruns when it changes (a pretrained
+    folder's weights sha256 is known when the workflow loads; a trained model's change reaches the shards
+    through its files)."""
+    return {"id": config["model"]["id"], "sha256": PRETRAINED["weights_sha256"] if PRETRAINED else None}
+
+
+# --- frozen manifests and reruns -----------------------------------------------------------
+# The training selection and the flow reference are frozen: written once from the cohort tables, then
+# kept while the cohort grows. Only the frozen jobs' own input (volumes.parquet) and the flow's scored
+# reference shards are marked ancient(). Every edge *downstream* of a frozen manifest is a plain input,
+# because Snakemake 9 (dag.update_needrun) masks every job downstream of a job that must rerun and then
+# follows only edges that are not "ancient and existing": a consumer behind such an edge is never looked
+# at, even when its own outputs are missing. With ancient() on fit_flow's reference input, a rerun after
+# `kill -9` during reference_manifest reran that job alone and exited 0 without the flow or the cohort
+# tables. Worse, ancient(rules.ingest.output.volumes) flagged ingest's output object itself (ancient()
+# flags in place), so every edge from ingest, even the one into `all`, was ancient: a rerun of the ingest
+# gather after a kill ran that job alone. frozen_input() flags a copy. Every remaining ancient edge
+# has a plain path from its producer to the final targets, so the
+# targets are always evaluated; outputs are written atomically (artifactqc.atomic), so an existing file is
+# a complete one; and check_requested_targets() fails a run that ends with a requested target missing.
+
+
+def frozen_input(path):
+    """``ancient()`` on a copy of ``path``. Snakemake's ancient() flags the string it is given in place, so
+    ``ancient(rules.ingest.output.volumes)`` marked ingest's output itself: every other rule reading
+    ``rules.ingest.output.volumes`` (the target rule `all` included) then had an ancient edge too, and a
+    rerun of ingest reached none of them."""
+    return ancient(str(path))
 
 
 def reference_score_shards(wildcards):
@@ -150,12 +215,12 @@ def reference_score_shards(wildcards):
     shards of the frozen reference, marked ancient: a new site never refits the flow.
     """
     keys = list(SHARDS)
-    ref = Path(expand(rules.reference_manifest.output[0], flow_id=wildcards.flow_id)[0])
+    ref = Path(expand(rules.reference_manifest.output[0], model_id=wildcards.model_id, flow_id=wildcards.flow_id)[0])
     if ref.exists():
         ids = set(pd.read_csv(ref, sep="\t", usecols=["volume_id"], dtype=str)["volume_id"])
         keys = [k for k, rows in SHARDS.items() if rows["volume_id"].isin(ids).any()]
     paths = expand(rules.score_shard.output.rows, zip, site=[k[0] for k in keys], part=[k[1] for k in keys])
-    return [ancient(p) for p in paths]
+    return [frozen_input(p) for p in paths]
 
 
 def scoring_config_sha256():
@@ -188,14 +253,16 @@ TRAINING_VOLUME_ID = r"[A-Za-z0-9_.-]+"
 
 
 def training_manifest():
-    """The frozen training manifest (ancient: a growing cohort never retrains the encoder)."""
-    return ancient(rules.select_training.output[0])
+    """The frozen training manifest. Not ancient (see "frozen manifests and reruns" above): it depends on
+    the frozen selection only, never on the cohort tables, so a growing cohort does not rewrite it."""
+    return rules.select_training.output[0]
 
 
 def train_overrides():
     """Training settings from config that override the model's defaults (null = default)."""
-    keys = ("epochs", "batch_size", "lr", "patience", "max_minutes", "volume_head")
-    return {k: config["train"][k] for k in keys if config["train"][k] is not None}
+    keys = ("epochs", "steps_per_epoch", "batch_size", "lr", "patience", "pool_refresh", "max_minutes",
+            "volume_head")
+    return {**config["train"]["settings"], **{k: config["train"][k] for k in keys if config["train"][k] is not None}}
 
 
 # --- run provenance ----------------------------------------------------------------------------
@@ -217,6 +284,37 @@ def write_run_record(status):
         ),
         RUN_RECORD,
     )
+
+
+def requested_targets():
+    """Files this invocation must leave behind: the default target's files, or the file targets named on
+    the command line; None when the run was partial by request (--until, --omit-from, --batch, rules)."""
+    ds = workflow.dag_settings
+    if ds.until or ds.omit_from or ds.batch is not None or ds.target_jobs:
+        return None
+    names = set(ds.targets)
+    rule_names = {r.name for r in workflow.rules}
+    if not names or names == {"all"}:
+        return [str(f) for f in final_targets()]
+    if names & (rule_names - {"all"}):
+        return None
+    return sorted(str(f) for f in names if f != "all")
+
+
+def check_requested_targets():
+    """Fail the run (non-zero exit) when it ends with a requested target missing: never report success
+    without the results."""
+    targets = requested_targets()
+    if targets is None:
+        return
+    missing = [f for f in targets if not os.path.exists(f)]
+    if missing:
+        write_run_record("incomplete")
+        raise WorkflowError(
+            f"artifactqc: the run finished but {len(missing)} requested output(s) are missing: "
+            + ", ".join(missing[:10])
+            + ". Nothing was lost; run the same command again (with --rerun-incomplete after an interrupted run)."
+        )
 
 
 def has_labels():

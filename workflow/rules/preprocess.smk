@@ -14,7 +14,7 @@
 
 checkpoint training_selection:
     input:
-        volumes=ancient(rules.ingest.output.volumes),
+        volumes=frozen_input(rules.ingest.output.volumes),
     output:
         "results/training/selection.tsv",
     params:

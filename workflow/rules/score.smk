@@ -2,7 +2,9 @@
 # shard; the encoder loaded once per job), the density flow fit on a frozen reference manifest,
 # flags, and the cohort tables.
 # A new site runs only its own shards and the cohort gather: the encoder and the flow are tied to
-# their manifests and are refit only under a new model.id / flow.id.
+# their manifests and are refit only under a new model.id / flow.id. A flow is fitted on one encoder's
+# latents: its folder is results/flows/<model.id>/<flow.id>/, fit_flow takes the encoder's files as input
+# and records their id and sha256 in flow.json, and density_shard refuses rows scored by another encoder.
 
 
 rule score_shard:
@@ -14,6 +16,8 @@ rule score_shard:
         rows="results/scores/raw/site={site}/part-{part}.parquet",
         failures="results/scores/raw/site={site}/failures-{part}.parquet",
     params:
+        model=scoring_model(),
+        rows=shard_rows,
         batch_size=config["score"]["batch_size"],
         device=config["score"]["device"],
     log:
@@ -33,13 +37,13 @@ rule score_shard:
 
 rule reference_manifest:
     input:
-        ancient(rules.ingest.output.volumes),
+        frozen_input(rules.ingest.output.volumes),
     output:
-        "results/flows/{flow_id}/reference.tsv",
+        "results/flows/{model_id}/{flow_id}/reference.tsv",
     params:
         explicit=config["flow"]["reference"],
     log:
-        "logs/flows/{flow_id}/reference.log",
+        "logs/flows/{model_id}/{flow_id}/reference.log",
     conda:
         "../../envs/artifactqc.yaml"
     script:
@@ -48,17 +52,18 @@ rule reference_manifest:
 
 rule fit_flow:
     input:
-        reference=ancient("results/flows/{flow_id}/reference.tsv"),
+        reference=rules.reference_manifest.output[0],
         scores=reference_score_shards,
+        model=model_files(),
     output:
-        weights="results/flows/{flow_id}/flow.safetensors",
-        meta="results/flows/{flow_id}/flow.json",
+        weights="results/flows/{model_id}/{flow_id}/flow.safetensors",
+        meta="results/flows/{model_id}/{flow_id}/flow.json",
     params:
         fit=config["flow"]["fit"],
     log:
-        "logs/flows/{flow_id}/fit.log",
+        "logs/flows/{model_id}/{flow_id}/fit.log",
     benchmark:
-        "results/benchmarks/flows/{flow_id}.tsv"
+        "results/benchmarks/flows/{model_id}/{flow_id}.tsv"
     threads: 2
     resources:
         mem_mb=mem_per_attempt(4000),
@@ -97,7 +102,14 @@ rule cohort_scores:
     input:
         parts=shard_files(rules.density_shard.output[0]),
         failures=shard_files(rules.score_shard.output.failures),
-        reference=ancient(expand(rules.reference_manifest.output[0], flow_id=config["flow"]["id"])),
+        # a plain edge from ingest to the cohort table: whenever ingest reruns, the table is looked at (and
+        # every ingested volume must have a row), even though the frozen manifests behind ingest's
+        # ancient() edges are not (see "frozen manifests and reruns" in common.smk)
+        volumes=rules.ingest.output.volumes,
+        # the frozen flow reference (a plain edge, like every edge downstream of a frozen manifest)
+        reference=expand(
+            rules.reference_manifest.output[0], model_id=config["model"]["id"], flow_id=config["flow"]["id"]
+        ),
     output:
         parquet="results/scores/cohort.parquet",
         tsv="results/scores/cohort.tsv",

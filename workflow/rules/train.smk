@@ -1,6 +1,6 @@
 # Encoder training: one job, on the training manifest (the frozen, preprocessed volumes chosen by
 # training_selection). The model is written to results/models/<model.id>/ and is never retrained
-# when the cohort grows (the manifest input is ancient); a new model.id trains a new model.
+# when the cohort grows (the manifest depends only on the frozen selection); a new model.id trains a new model.
 #
 # Settings: the `train:` section of config/config.yaml.
 

@@ -11,6 +11,7 @@ cohort = shards.gather(
     [pd.read_parquet(p) for p in snakemake.input.parts],
     per_site=snakemake.params.per_site,
     min_site_reference=snakemake.params.min_site_reference,
+    ingested=pd.read_parquet(snakemake.input.volumes, columns=["volume_id"]),
     site_score=sitescore.gather_options(
         snakemake.params.site_score,
         snakemake.input.reference[0],

@@ -1,5 +1,7 @@
 """Fit the RealNVP flow on the reference volumes' latents."""
 
+import os
+
 import pandas as pd
 
 from artifactqc import runlog, shards
@@ -11,5 +13,6 @@ shards.fit_flow_for_reference(
     snakemake.input.reference,
     snakemake.output.weights,
     flow_id=snakemake.wildcards.flow_id,
+    model_dir=os.path.dirname(snakemake.input.model[0]),
     **snakemake.params.fit,
 )

@@ -9,7 +9,7 @@ log = runlog.to_file(snakemake.log[0])
 volumes, failures = cohort.combine_ingest(
     [pd.read_parquet(p) for p in snakemake.input.volumes],
     [pd.read_parquet(p) for p in snakemake.input.failures],
-    cohort.failures_frame([tuple(r[c] for c in cohort.FAILURE_COLUMNS) for r in snakemake.params.sheet_failures]),
+    pd.DataFrame(snakemake.params.sheet_failures, columns=list(cohort.FAILURE_COLUMNS)).astype(str),
 )
 write_parquet(volumes, snakemake.output.volumes, cohort.COLUMN_DOCS)
 write_parquet(failures, snakemake.output.failures, cohort.COLUMN_DOCS)

@@ -16,6 +16,7 @@ rows, fails = shards.score_shard(
     batch_size=snakemake.params.batch_size,
     device=snakemake.params.device,
     threads=snakemake.threads,
+    sheet_rows=pd.DataFrame(snakemake.params.rows),
 )
 meta = {"site": snakemake.wildcards.site, "part": snakemake.wildcards.part}
 write_parquet(rows, snakemake.output.rows, shards.COLUMN_DOCS, meta)

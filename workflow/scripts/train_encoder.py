@@ -1,15 +1,12 @@
-"""Train the artifact encoder on the training manifest (or the ok rows of the ingested volumes)."""
-
-import os
+"""Train the artifact encoder on the training manifest (staged, published atomically, stops with its run)."""
 
 from artifactqc import runlog
-from artifactqc.training.loop import train_from_cli
+from artifactqc.training.job import train_model_folder
 
 log = runlog.to_file(snakemake.log[0])
-metrics = train_from_cli(
-    [],
+metrics = train_model_folder(
     snakemake.input.manifest,
-    os.path.dirname(snakemake.output.weights),
+    snakemake.output.weights,
     demo=snakemake.params.demo,
     seed=snakemake.params.seed,
     device=snakemake.params.device,
@@ -17,5 +14,5 @@ metrics = train_from_cli(
     threads=snakemake.threads,
     **snakemake.params.overrides,
 )
-log.info("trained %s: best epoch %s, val loss %.4f", snakemake.wildcards.model_id, metrics["best_epoch"],
-         metrics["best_val_loss"])
+log.info("trained %s: best epoch %s, val loss %.4f (%s)", snakemake.wildcards.model_id, metrics["best_epoch"],
+         metrics["best_val_loss"], metrics["stop_reason"])

@@ -196,7 +196,12 @@ class FlowModel:
             np.ascontiguousarray(self.reference_log_density, dtype=np.float64)
         )
         weights = d / FLOW_WEIGHTS
-        save_file(tensors, str(weights), metadata={"format": "artifactqc-flow", "flow_id": self.flow_id})
+        from ..atomic import atomic_path
+
+        # one metadata key only: safetensors writes the metadata map in arbitrary order, so a second key made
+        # the bytes (and flow_sha256 in every score row) of identical flows differ between runs
+        with atomic_path(weights) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "artifactqc-flow"})
         from ..io import sha256_file
 
         self.sha256 = sha256_file(weights)
@@ -218,7 +223,9 @@ class FlowModel:
         }
         if extra:
             meta.update(extra)
-        (d / FLOW_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        from ..atomic import write_text
+
+        write_text(d / FLOW_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return d
 
 

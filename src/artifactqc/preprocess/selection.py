@@ -105,8 +105,9 @@ def select_training_file(volumes_path: str | os.PathLike, out_path: str | os.Pat
             f"training selection is empty: no volume of {p} with status ok passes the include/exclude "
             f"settings {criteria} (config section `training`)"
         )
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    sel.to_csv(out_path, sep="\t", index=False)
+    from ..atomic import write_tsv
+
+    write_tsv(sel, out_path)
     return len(sel)
 
 
@@ -121,6 +122,7 @@ def training_manifest(selection_path, preprocessed: dict[str, str], out_path) ->
         raise ValueError(f"no preprocessed file for {len(missing)} selected volumes, e.g. {missing[:3]}")
     sel.insert(4, "path", [str(Path(preprocessed[v]).resolve()) for v in sel["volume_id"]])
     sel["status"] = "ok"
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    sel.to_csv(out_path, sep="\t", index=False)
+    from ..atomic import write_tsv
+
+    write_tsv(sel, out_path)
     return len(sel)

@@ -43,7 +43,11 @@ class TrainConfig:
     :func:`artifactqc.training.volume_head.fit_volume_head` runs on the best weights and the final pool at
     the end (``max_minutes`` keeps up to 90 s for it). BatchNorm statistics are recomputed exactly before
     each validation (``bn_recalib_batches`` training batches). Early stopping on ``val_loss`` with
-    ``patience``; ``max_minutes`` caps the whole run. ``match_ssim`` makes the 3D simulator match every
+    ``patience``. With a fixed ``pool_refresh`` the run is counted in steps and is deterministic for a seed,
+    config, data and thread count on CPU: ``max_minutes`` is then only a safety stop checked after each epoch
+    (``stop_reason`` starts with "safety stop", ``stopped_by_clock``, a warning), and the volume-head fit is
+    not cut by it. Without ``pool_refresh`` (the time-shared mode) ``max_minutes`` caps the whole run and
+    also paces the learning rate. ``match_ssim`` makes the 3D simulator match every
     training and validation sample's masked SSIM to its severity (``simulate_volume(match_ssim=True)``: the
     severity label is then that sample's measured loss of fidelity, not the type-mean calibration's
     expectation; 2-3 simulations per sample). ``encoder`` holds :class:`artifactqc.encoder.network.EncoderConfig`

@@ -51,6 +51,12 @@ class _Run:
     slice_cfg: SliceConfig  # the scoring geometry (stored in model.json)
     train_cfg: SliceConfig  # the same with the training slice count
 
+    @property
+    def step_budget(self) -> bool:
+        """With a fixed ``pool_refresh`` the run is counted in steps: the clock may only stop it (a reported
+        safety stop), never shape it (pool sizes, learning rate, head fit)."""
+        return self.cfg.pool_refresh is not None
+
 
 def train_encoder(
     volumes: Sequence[str | os.PathLike],
@@ -88,6 +94,7 @@ def train_encoder(
         "best_val_loss": best["val_loss"],
         "epochs_run": len(history),
         "stop_reason": stop_reason,
+        "stopped_by_clock": stop_reason.startswith(("safety stop", "time limit")),
         "train_seconds": time.perf_counter() - run.t_start,
         "simulation_seconds": pool.sim_seconds,
         "n_corrupted_volumes": pool.made,
@@ -195,7 +202,7 @@ def _initial_pool(tr_vols, simulate_fn, run: _Run) -> _Pool:
     pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug)
     n_init = min(pool.capacity, max(2, int(cfg.pool_init_per_volume) * len(tr_vols)))
     t0 = time.perf_counter()
-    init_budget = None if run.deadline is None else 0.35 * (run.deadline - time.perf_counter())
+    init_budget = None if run.deadline is None or run.step_budget else 0.35 * (run.deadline - time.perf_counter())
     pool.fill(n_init, init_budget)
     log.info("initial pool: %d corrupted volumes in %.1f s (%.2f s each)", len(pool.entries),
              time.perf_counter() - t0, (time.perf_counter() - t0) / max(1, len(pool.entries)))
@@ -219,8 +226,8 @@ def _build_model(run: _Run):
 
 class _Schedule:
     """Learning rate: warm-up (first 10 %) then cosine decay to 2 % of ``lr`` over the run's progress: the
-    larger of the step fraction and, with ``max_minutes``, the elapsed fraction of the remaining time budget
-    (so a time-capped run still anneals)."""
+    larger of the step fraction and, with a ``deadline`` (``max_minutes`` without a fixed ``pool_refresh``),
+    the elapsed fraction of the remaining time budget (so a time-capped run still anneals)."""
 
     def __init__(self, opt, lr: float, total_steps: int, deadline: float | None):
         self.opt, self.lr, self.total_steps, self.deadline = opt, lr, total_steps, deadline
@@ -313,9 +320,10 @@ def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, r
     records, the best ``{"val_loss", "epoch"}`` and why it stopped."""
     cfg = run.cfg
     gen = torch.Generator().manual_seed(cfg.seed)
-    head_reserve = (0.0 if not cfg.volume_head or run.deadline is None
+    head_reserve = (0.0 if not cfg.volume_head or run.deadline is None or run.step_budget
                     else min(90.0, 0.08 * (run.deadline - time.perf_counter())))
-    schedule = _Schedule(opt, cfg.lr, max(1, cfg.epochs * cfg.steps_per_epoch), run.deadline)
+    schedule = _Schedule(opt, cfg.lr, max(1, cfg.epochs * cfg.steps_per_epoch),
+                         None if run.step_budget else run.deadline)
     sim2d = simulate_slices_fn or _simulate
     history, best, best_state, bad_epochs = [], {"val_loss": float("inf"), "epoch": -1}, None, 0
     model.train()
@@ -344,7 +352,13 @@ def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, r
                 stop_reason = f"early stopping: no improvement for {cfg.patience} epochs"
                 log.info(stop_reason)
                 break
-        if run.deadline is not None and time.perf_counter() + 1.2 * t_train + head_reserve > run.deadline:
+        if run.step_budget and run.deadline is not None and epoch < cfg.epochs and time.perf_counter() > run.deadline:
+            stop_reason = (f"safety stop: time limit of {cfg.max_minutes} min after epoch {epoch} of {cfg.epochs} "
+                           "(the step budget was not reached; this model depends on the machine's speed)")
+            log.warning(stop_reason)
+            break
+        if (not run.step_budget and run.deadline is not None
+                and time.perf_counter() + 1.2 * t_train + head_reserve > run.deadline):
             stop_reason = f"time limit of {cfg.max_minutes} min"
             log.info("stopping: %s", stop_reason)
             break
@@ -358,7 +372,7 @@ def _fit_head(model, pool: _Pool, val_items, run: _Run) -> dict | None:
     validate the whole model once more (on the BatchNorm statistics the head was fitted on)."""
     if not run.cfg.volume_head:
         return None
-    budget = None if run.deadline is None else max(20.0, run.deadline - time.perf_counter())
+    budget = None if run.deadline is None or run.step_budget else max(20.0, run.deadline - time.perf_counter())
     head_metrics = fit_volume_head(model, pool.entries, val_items, seed=run.cfg.seed, max_seconds=budget,
                                    device=run.dev)
     head_metrics["final"] = evaluate_model(model, pool, val_items, batch_size=run.cfg.batch_size,
