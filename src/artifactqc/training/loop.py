@@ -21,6 +21,7 @@ from ..encoder.checkpoint import save_model
 from ..encoder.network import HEADS, SCORE_SCALE, ArtifactEncoder, EncoderConfig, resolve_device
 from ..encoder.slices import SliceConfig
 from ..io import sha256_file
+from ..progress import Progress, track
 from .augment import _apply_contrast, _contrast_augment
 from .config import TRAIN_ARTIFACTS, demo_config
 from .losses import encoder_loss
@@ -140,7 +141,7 @@ def train_encoder(
 
     def load(paths, with_brain):
         used, skipped = [], []
-        for p in paths:
+        for p in track(paths, desc="load", unit="volume"):
             try:
                 used.append(_load_clean_volume(p, train_cfg, with_brain))
             except Exception as exc:  # a broken training file must not kill training
@@ -254,6 +255,7 @@ def train_encoder(
     bad_epochs = 0
     model.train()
     stop_reason = "epochs"
+    bar = Progress(epochs * steps_per_epoch, desc="train", unit="step")
     for epoch in range(1, epochs + 1):
         t_ep = time.perf_counter()
         sums: dict[str, float] = {}
@@ -286,6 +288,7 @@ def train_encoder(
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k_, v in parts.items():
                 sums[k_] = sums.get(k_, 0.0) + v
+            bar.update()
         t_train = time.perf_counter() - t_ep
         train_metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
         val = evaluate(ema.module if ema is not None else model)
@@ -326,6 +329,7 @@ def train_encoder(
             stop_reason = f"time limit of {max_minutes} min"
             log.info("stopping: %s", stop_reason)
             break
+    bar.close()
 
     if best_state is not None:
         model.load_state_dict(best_state)
