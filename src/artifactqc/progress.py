@@ -78,7 +78,10 @@ class Progress:
             # log records (warnings about one bad volume) print above the bar instead of breaking it
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+            # a terminal that reports no width (some pseudo-terminals) gets 80 columns, not an empty bar
+            width = _width(sys.stderr)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, smoothing=0.1,
+                             dynamic_ncols=width > 0, ncols=None if width > 0 else 80)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -115,6 +118,13 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _width(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def _isatty(stream) -> bool:
