@@ -53,7 +53,7 @@ def files(root):
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_bids_cohort_derivatives_validate_read_back_and_new_site(tmp_path):
+def test_bids_cohort_derivatives_validate_read_back_and_new_site(tmp_path, monkeypatch, capsys):
     bids = tmp_path / "bids"
     bids.mkdir()
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.8.0"}))
@@ -106,6 +106,12 @@ def test_bids_cohort_derivatives_validate_read_back_and_new_site(tmp_path):
     assert df.index.name == "bids_name" and sorted(df.index) == sorted(t1)
     assert df[["cjv", "cnr", "efc", "fber"]].notna().all().all() and df.select_dtypes("number").shape == df.shape
     assert list(pd.read_csv(deriv / "group_T2w.tsv", sep="\t")["bids_name"]) == ["sub-A0_T2w", "sub-B0_T2w"]
+
+    # the README's example ("Using the outputs") runs on these outputs
+    example = (REPO / "README.md").read_text().split("## Using the outputs", 1)[1].split("```python\n", 1)[1]
+    monkeypatch.chdir(tmp_path)
+    exec(example.split("```", 1)[0], {})
+    assert "volume_id" in capsys.readouterr().out
 
     # a new site delivers: its JSONs appear; the other sites' files keep their bytes and mtimes
     before = files(deriv)
