@@ -58,6 +58,8 @@ def test_bids_cohort_derivatives_validate_read_back_and_new_site(tmp_path, monke
     bids.mkdir()
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.8.0"}))
     names = add_site(bids, "A", ["A0", "A1", "A2", "A3"]) + add_site(bids, "B", ["B0", "B1", "B2"])
+    bad = bids / "sub-B2/anat/sub-B2_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])  # a truncated file: a failed row, still in every output
     model = save_tiny_model(tmp_path / "model", meta={"model_id": "wf-deriv"})
     cfg = {
         "cohort": {"sheet": "", "bids": {"root": str(bids), "site_column": "site", "site_constant": ""}},
@@ -90,6 +92,10 @@ def test_bids_cohort_derivatives_validate_read_back_and_new_site(tmp_path, monke
         ses = "ses-1/" if "_ses-1_" in name else ""
         side = json.loads((deriv / sub / f"{ses}anat/{name}.json").read_text())
         row = cohort.set_index("volume_id").loc[name]
+        if name == "sub-B2_T1w":
+            assert side["status"] == "failed" and side["error"].startswith("ingest: truncated")
+            assert side["score"] is None and side["iqm_status"] == "missing"
+            continue
         assert side["score"] == pytest.approx(row["score"]) and side["site"] == row["site"]
         assert side["density_pct_site"] == pytest.approx(row["density_pct_site"])
         assert side["provenance"]["input_sha256"] == row["input_sha256"] and side["iqm_status"] == "ok"
@@ -99,12 +105,16 @@ def test_bids_cohort_derivatives_validate_read_back_and_new_site(tmp_path, monke
     t1 = [n for n in names if n.endswith("_T1w")]
     back = mriqc.read_mriqc(deriv / "group_T1w.tsv").set_index("bids_name")
     assert sorted(back.index) == sorted(t1)
-    assert back["mriqc_score"].to_dict() == pytest.approx(cohort.set_index("volume_id").loc[t1, "score"].to_dict())
+    expected = cohort.set_index("volume_id").loc[t1, "score"].to_dict()
+    assert back["mriqc_score"].to_dict() == pytest.approx(expected, nan_ok=True)
     joined = mriqc.join_mriqc(cohort[cohort.contrast == "T1w"], mriqc.read_mriqc(deriv))
     assert (joined["mriqc_status"] == "ok").all() and joined["mriqc_cjv"].notna().all()
     df = pd.read_csv(deriv / "group_T1w.tsv", sep="\t", index_col=0)
     assert df.index.name == "bids_name" and sorted(df.index) == sorted(t1)
-    assert df[["cjv", "cnr", "efc", "fber"]].notna().all().all() and df.select_dtypes("number").shape == df.shape
+    assert df.select_dtypes("number").shape == df.shape  # numeric after bids_name, as MRIQC's
+    scored = df.drop(index="sub-B2_T1w")
+    assert scored[["score", "cjv", "cnr", "efc", "fber"]].notna().all().all()
+    assert df.loc["sub-B2_T1w"].drop(["flag_tau5", "flag_tau3", "flagged"]).isna().all()  # n/a when not scored
     assert list(pd.read_csv(deriv / "group_T2w.tsv", sep="\t")["bids_name"]) == ["sub-A0_T2w", "sub-B0_T2w"]
 
     # the README's example ("Using the outputs") runs on these outputs

@@ -17,6 +17,8 @@ rule derivatives:
         bids_root=bids_source_root(),
     log:
         "logs/derivatives.log",
+    benchmark:
+        "results/benchmarks/derivatives.tsv"
     resources:
         mem_mb=mem_per_attempt(4000),
         runtime=30,
