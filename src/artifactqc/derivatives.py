@@ -229,8 +229,7 @@ def write_if_changed(path: Path, text: str) -> bool:
         if path.stat().st_size == len(data) and path.read_bytes() == data:
             return False
     except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -252,6 +251,25 @@ def join_iqms(scores: pd.DataFrame, iqms: pd.DataFrame | None) -> pd.DataFrame:
     extra = iqms[["volume_id", "status", *iqm_columns(iqms)]].rename(columns={"status": "iqm_status"})
     extra = extra.drop_duplicates("volume_id")
     return scores.merge(extra, on="volume_id", how="left", validate="one_to_one")
+
+
+def _remove_stale(out: Path, expected: set[str]) -> int:
+    """Delete group tables and per-image JSONs that ``expected`` no longer lists, then empty folders; returns the count."""
+    stale = [p for p in out.glob("group_*.tsv") if p.name not in expected]
+    tops = [e.path for e in os.scandir(out) if e.is_dir() and (e.name.startswith("sub-") or e.name == "volumes")]
+    for top in tops:
+        for folder, subdirs, names in os.walk(top, topdown=False):
+            rel = Path(folder).relative_to(out).as_posix()
+            stale += [Path(folder, n) for n in names if n.endswith(".json") and f"{rel}/{n}" not in expected]
+    for p in stale:
+        p.unlink()
+    for top in tops:
+        for folder, _, _ in os.walk(top, topdown=False):
+            try:
+                os.rmdir(folder)  # only succeeds on an empty folder
+            except OSError:
+                pass
+    return len(stale)
 
 
 def write_derivatives(
@@ -292,16 +310,7 @@ def write_derivatives(
     for rec, (rel, name, _) in zip(records, placed):
         put(rel, _json_text(sidecar(rec, name, metrics, iqm_cols)), "sidecar", str(rec["volume_id"]), name)
 
-    expected = {rel for rel, *_ in index}
-    stale = [p for p in out.glob("group_*.tsv")] + [p for d in ("sub-*", "volumes") for p in out.glob(f"{d}/**/*.json")]
-    removed = 0
-    for p in stale:
-        if p.relative_to(out).as_posix() not in expected:
-            p.unlink()
-            removed += 1
-    for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(d.iterdir()):
-            d.rmdir()
+    removed = _remove_stale(out, {rel for rel, *_ in index})
     table = pd.DataFrame(index, columns=["path", "kind", "volume_id", "bids_name", "sha256", "written"])
     log.info("derivatives %s: %d files (%d sidecars, %d group tables), %d written, %d unchanged, %d stale removed",
              out, len(table), int((table.kind == "sidecar").sum()), int((table.kind == "group").sum()),
