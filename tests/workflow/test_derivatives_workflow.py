@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from artifactqc import mriqc
+from artifactqc.qc import mriqc
 
 from ..bids_checks import schema_problems, validator_issues
 from ..conftest import save_tiny_model
