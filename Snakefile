@@ -22,6 +22,7 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/review.smk"
+include: "workflow/rules/derivatives.smk"
 
 
 onstart:

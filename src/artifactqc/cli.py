@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import __version__
+from . import __version__, progress
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -14,10 +14,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"artifactqc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    # long commands (ingest, score, train, iqm): a progress bar on a terminal, a log line per N volumes elsewhere
+    prog = argparse.ArgumentParser(add_help=False)
+    prog.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines; warnings only")
+    prog.add_argument("--progress-every", type=int, default=None, metavar="N",
+                      help="off a terminal (SLURM logs, pipes): one progress line per N volumes or steps "
+                           "(default $ARTIFACTQC_PROGRESS_EVERY, else 100)")
 
     # --- subcommands: each block adds one parser and sets func=_cmd_<name> ---
     p = sub.add_parser(
         "ingest",
+        parents=[prog],
         help="validate and checksum a cohort (TSV sheet or BIDS root) into volumes.parquet and failures.parquet",
     )
     p.add_argument("source", help="cohort TSV sheet, or a BIDS root folder")
@@ -80,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_superres)
-    p = sub.add_parser("train", help="train the artifact encoder on clean volumes (simulated artifacts on the fly)")
+    p = sub.add_parser("train", parents=[prog], help="train the artifact encoder on clean volumes (simulated artifacts on the fly)")
     p.add_argument("paths", nargs="*", help="training volumes (NIfTI)")
     p.add_argument("--list", dest="list_file", default=None,
                    help="text file with one path per line, or a .tsv/.csv/.parquet table with a 'path' column "
@@ -100,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     p.add_argument("--model-id", default=None)
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("score", help="score volumes with a trained encoder (one row per input, never stops)")
+    p = sub.add_parser("score", parents=[prog], help="score volumes with a trained encoder (one row per input, never stops)")
     p.add_argument("paths", nargs="*", help="volumes to score")
     p.add_argument("--list", dest="list_file", default=None,
                    help="text file with one path per line, or a .tsv/.csv/.parquet table with a 'path' column")
@@ -111,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_score)
 
-    p_iqm = sub.add_parser("iqm", help="MRIQC-defined image-quality metrics of volumes -> table")
+    p_iqm = sub.add_parser("iqm", parents=[prog], help="MRIQC-defined image-quality metrics of volumes -> table")
     p_iqm.add_argument("inputs", nargs="+", help="NIfTI files, or one volumes.parquet/.tsv with path and contrast columns")
     p_iqm.add_argument("--contrast", default="T1w", help="contrast of the NIfTI inputs (T1w, T2w, PD, FLAIR)")
     p_iqm.add_argument("--no-n4", action="store_true", help="skip N4 (INU metrics become NaN)")
@@ -331,10 +338,14 @@ def _cmd_check_ratings(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "progress_every", None) is not None and args.progress_every < 1:
+        parser.error("--progress-every must be >= 1")
+    progress.configure(quiet=quiet, every=getattr(args, "progress_every", None))
     return int(args.func(args) or 0)
 
 

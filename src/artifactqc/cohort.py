@@ -28,6 +28,7 @@ import pandas as pd
 
 from . import __version__
 from .io import VolumeError, intensity_percentiles, load_volume, orientation_code, sha256_file
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -322,25 +323,18 @@ def ingest_one(row: dict, max_mem_mb: float = 4096.0) -> tuple[dict | None, tupl
     return out, None
 
 
-def _ingest_chunk(args):
-    rows, max_mem_mb = args
-    return [ingest_one(r, max_mem_mb) for r in rows]
-
-
 def ingest_rows(rows: pd.DataFrame, max_mem_mb: float = 4096.0, n_jobs: int = 1):
     """Ingest cohort rows; returns ``(volumes, failures)`` frames. Never raises for a bad volume."""
     records = rows.to_dict("records")
     t0 = time.perf_counter()
     if n_jobs > 1 and len(records) > 1:
-        chunks = [(records[i::n_jobs], max_mem_mb) for i in range(n_jobs)]
+        # results come back in sheet order, one at a time (progress), in chunks (little overhead per volume)
+        chunksize = max(1, min(16, len(records) // (4 * n_jobs)))
         with ProcessPoolExecutor(n_jobs) as ex:
-            parts = list(ex.map(_ingest_chunk, chunks))
-        # restore sheet order
-        results = [None] * len(records)
-        for i, part in enumerate(parts):
-            results[i::n_jobs] = part
+            done = ex.map(ingest_one, records, [max_mem_mb] * len(records), chunksize=chunksize)
+            results = list(track(done, total=len(records), desc="ingest", unit="volume"))
     else:
-        results = _ingest_chunk((records, max_mem_mb))
+        results = [ingest_one(r, max_mem_mb) for r in track(records, desc="ingest", unit="volume")]
     vols = [v for v, _ in results if v is not None]
     fails = [f for _, f in results if f is not None]
     log.info("ingested %d volumes (%d failed) in %.1f s", len(vols), len(fails), time.perf_counter() - t0)

@@ -350,6 +350,25 @@ def iqm_tables():
     return tables
 
 
+def derivatives_enabled():
+    """The BIDS-derivatives export runs when config derivatives.enabled is true, or 'auto' and the cohort is a
+    BIDS root (a sheet opts in with true)."""
+    enabled = config["derivatives"]["enabled"]
+    return bool(bids_source_root()) if enabled == "auto" else bool(enabled)
+
+
+def bids_source_root():
+    """The BIDS root the cohort was discovered in ('' for a sheet or the demo)."""
+    if config["demo"]["enabled"] or config["cohort"]["sheet"]:
+        return ""
+    return config["cohort"]["bids"]["root"]
+
+
+def derivative_iqm_tables():
+    """artifactqc's own IQM table, joined into the derivatives when the IQMs are computed."""
+    return [rules.cohort_iqms.output[0]] if iqms_enabled() else []
+
+
 def final_targets():
     if COHORT.empty:
         return []
@@ -362,5 +381,7 @@ def final_targets():
         if has_labels():
             targets += list(rules.calibrate.output) + list(rules.evaluate_labels.output)
         targets += list(rules.review.output)
+        if derivatives_enabled():
+            targets += list(rules.derivatives.output)
     targets += iqm_tables()
     return targets

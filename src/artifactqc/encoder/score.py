@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from .. import io
+from ..progress import track
 from .checkpoint import load_model
 from .network import HEADS, resolve_device
 from .slices import extract_slices
@@ -168,11 +169,11 @@ def score_volumes(
         model.slice_cfg = SliceConfig()
     rows = []
     paths = list(paths)
-    for i, p in enumerate(paths):
+    for i, p in enumerate(track(paths, desc="score", unit="volume")):
         rows.append(score_volume(model, p, batch_size))
         r = rows[-1]
-        log.info("[%d/%d] %s: %s score=%s (%.2fs)", i + 1, len(paths), p, r["status"],
-                 "nan" if r["status"] != "ok" else f"{r['score']:.3f}", r["seconds"])
+        log.debug("[%d/%d] %s: %s score=%s (%.2fs)", i + 1, len(paths), p, r["status"],
+                  "nan" if r["status"] != "ok" else f"{r['score']:.3f}", r["seconds"])
     cols = score_columns(int(model.config.latent_dim))
     df = pd.DataFrame(rows, columns=cols)
     df["n_slices"] = df["n_slices"].astype("int64")

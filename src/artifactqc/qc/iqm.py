@@ -728,6 +728,7 @@ def iqm_table(
     import pandas as pd
 
     from ..io import VolumeError
+    from ..progress import track
 
     paths = [str(p) for p in paths]
     if isinstance(contrasts, str):
@@ -737,7 +738,7 @@ def iqm_table(
     if not (len(paths) == len(contrasts) == len(ids)):
         raise ValueError("paths, contrasts and ids must have the same length")
     rows = []
-    for vid, p, c in zip(ids, paths, contrasts):
+    for vid, p, c in track(list(zip(ids, paths, contrasts)), desc="iqm", unit="volume"):
         row: dict = {"volume_id": vid, "path": p, "contrast": c, "status": "ok", "error_type": "", "error": ""}
         t0 = time.perf_counter()
         try:

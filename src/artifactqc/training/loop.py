@@ -26,6 +26,7 @@ from ..encoder.checkpoint import save_model
 from ..encoder.network import ArtifactEncoder, EncoderConfig, resolve_device
 from ..encoder.slices import SliceConfig
 from ..io import sha256_file
+from ..progress import Progress, track
 from .augment import _apply_contrast, _contrast_augment
 from .config import TRAIN_ARTIFACTS, TrainConfig, demo_config
 from .losses import encoder_loss
@@ -153,7 +154,7 @@ def _split(volumes, val_volumes, run: _Run) -> tuple[list[str], list[str]]:
 def _load_some(paths, run: _Run, with_brain: bool):
     """Clean volumes of ``paths``; a broken or too-small file is skipped with a warning and recorded."""
     used, skipped = [], []
-    for p in paths:
+    for p in track(paths, desc="load", unit="volume"):
         try:
             used.append(_load_clean_volume(p, run.train_cfg, with_brain))
         except Exception as exc:  # a broken training file must not kill training
@@ -262,9 +263,9 @@ def _slice_sim_negatives(batch, gen, cfg: TrainConfig, sim2d):
             torch.cat([neg[k:], xn2[k:]]), torch.cat([s2, sev[k:]]), torch.cat([t2[:k].float(), tgt[k:]]))
 
 
-def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, run: _Run):
-    """``steps_per_epoch`` optimizer steps on triplet batches from the pool; returns the mean loss parts and
-    the last learning rate."""
+def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, run: _Run, bar: Progress):
+    """``steps_per_epoch`` optimizer steps on triplet batches from the pool (each counted on ``bar``);
+    returns the mean loss parts and the last learning rate."""
     cfg, dev, group = run.cfg, run.dev, run.group
     sums: dict[str, float] = {}
     cur_lr = None
@@ -288,6 +289,7 @@ def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, 
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         for k_, v in parts.items():
             sums[k_] = sums.get(k_, 0.0) + v
+        bar.update()
     return {f"train_{k}": v / cfg.steps_per_epoch for k, v in sums.items()}, cur_lr
 
 
@@ -328,9 +330,10 @@ def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, r
     history, best, best_state, bad_epochs = [], {"val_loss": float("inf"), "epoch": -1}, None, 0
     model.train()
     stop_reason = "epochs"
+    bar = Progress(cfg.epochs * cfg.steps_per_epoch, desc="train", unit="step")
     for epoch in range(1, cfg.epochs + 1):
         t_ep = time.perf_counter()
-        train_metrics, cur_lr = _train_epoch(model, ema, opt, schedule, pool, gen, sim2d, run)
+        train_metrics, cur_lr = _train_epoch(model, ema, opt, schedule, pool, gen, sim2d, run, bar)
         t_train = time.perf_counter() - t_ep
         net = ema.module if ema is not None else model
         val = evaluate_model(net, pool, val_items, batch_size=cfg.batch_size,
@@ -362,6 +365,7 @@ def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, r
             stop_reason = f"time limit of {cfg.max_minutes} min"
             log.info("stopping: %s", stop_reason)
             break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return history, best, stop_reason
