@@ -50,6 +50,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severity", type=float, required=True, help="severity in [0, 1] (0 = identity)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sidecar", default=None, help="JSON sidecar path (default: OUT with .json)")
+    p.add_argument("--noise-variant", default="rician", choices=["rician", "kspace", "gaussian"],
+                   help="magnitude noise model (default rician; gaussian can go negative)")
+    p.add_argument("--match-ssim", action="store_true",
+                   help="search the parameter so that this volume's SSIM matches the severity's target")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     p.set_defaults(func=_cmd_simulate)
@@ -162,7 +166,8 @@ def _cmd_score(args) -> int:
 def _cmd_simulate(args) -> int:
     from .simulate import simulate_file
 
-    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar)
+    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar,
+                           noise_variant=args.noise_variant, match_ssim=args.match_ssim)
     logging.getLogger("artifactqc.simulate").info(
         "wrote %s (%s, severity %.2f)", args.output, args.artifact, params["severity"]
     )
