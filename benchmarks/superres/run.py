@@ -138,11 +138,11 @@ def run_sr(low: np.ndarray, k: int, spacing: float, centres: np.ndarray, params:
 def run_legacy(low, k, spacing, centres, fine, ref, mask, threads):
     """The previous ``preprocess.superres`` (output grid starts at the first slice centre): its output
     is brought onto the slab's fine voxels with a cubic spline before scoring."""
-    from artifactqc import preprocess
+    from artifactqc.preprocess import superres as previous
 
     aff = np.diag([spacing, spacing, k * spacing, 1.0])
     w0 = time.perf_counter()
-    out, _, _ = preprocess.superres(low, aff, threads=threads)
+    out, _, _ = previous.superres(low, aff, threads=threads)
     wall = time.perf_counter() - w0
     pos = centres[0] + np.arange(out.shape[AXIS])
     est = CubicSpline(pos, out, axis=AXIS)(np.clip(fine, pos[0], pos[-1])).astype(np.float32)
@@ -155,20 +155,30 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="first 3 volumes, factors 3 and 5")
     ap.add_argument("--volumes", type=int, default=3, help="use the first n volumes of VOLUMES")
+    ap.add_argument("--only", type=int, default=None, help="use only VOLUMES[i] (to run volumes in parallel)")
     ap.add_argument("--factors", default=None, help="comma-separated, default 2,3,4,5")
     ap.add_argument("--profiles", default="box,gaussian")
     ap.add_argument("--set", action="append", default=[], help="SR parameter override key=value")
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--legacy", action="store_true", help="also run the previous method (preprocess.superres)")
     ap.add_argument("--tag", default="", help="suffix of the results files (e.g. quick)")
-    ap.add_argument("--from-tsv", default=None, help="only rebuild results.md from a results TSV")
+    ap.add_argument("--from-tsv", default=None, help="only rebuild results.md from results TSVs (comma-separated)")
     args = ap.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     out = Path(args.out)
     if args.from_tsv:
-        write_md(out, args.from_tsv, json.loads((out / f"results{args.tag}.json").read_text())["settings"])
+        import pandas as pd
+
+        tsv = out / f"results{args.tag}.tsv"
+        rows = pd.concat([pd.read_csv(p, sep="\t") for p in args.from_tsv.split(",")], ignore_index=True)
+        rows.to_csv(tsv, sep="\t", index=False, float_format="%.4f")
+        settings = json.loads((out / f"results{args.tag}.json").read_text())["settings"]
+        settings["volumes"] = sorted(set(rows["volume"]), key=[v for _, v in VOLUMES].index)
+        (out / f"results{args.tag}.json").write_text(json.dumps({"settings": settings,
+                                                                 "rows": rows.to_dict("records")}, indent=1))
+        write_md(out, tsv, settings, tag=args.tag)
         return 0
     root = Path(args.data)
     if not (root / "MANIFEST.tsv").is_file():
@@ -179,16 +189,17 @@ def main(argv=None) -> int:
     for kv in args.set:
         k, v = kv.split("=", 1)
         params[k] = type(getattr(slicesr.SRParams(), k))(v)
+    volumes = [VOLUMES[args.only]] if args.only is not None else VOLUMES[: args.volumes]
     settings = {
         "sr_params": {**vars(slicesr.SRParams()), **params},
         "factors": factors,
         "profiles": args.profiles.split(","),
-        "volumes": [v for _, v in VOLUMES[: args.volumes]],
+        "volumes": [v for _, v in volumes],
         "machine": f"{platform.machine()}, 2 cores shared with other jobs, torch threads {args.threads}",
     }
     rows = []
     tsv = out / f"results{args.tag}.tsv"
-    for contrast, rel in VOLUMES[: args.volumes]:
+    for contrast, rel in volumes:
         truth, spacing = load_truth(root / rel)
         for profile in settings["profiles"]:
             for k in factors:
