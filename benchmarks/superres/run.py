@@ -13,7 +13,7 @@ written here, with scipy):
    restored onto the fine voxels of the slab by
    - ``cubic``: the not-a-knot cubic spline through the acquired slice centres (scipy CubicSpline),
    - ``trilinear``: linear interpolation between the slice centres (constant beyond the first/last),
-   - ``sr``: ``artifactqc superres`` (the package function, from the NIfTI-like array + affine only);
+   - ``sr``: ``artifactqc.preprocess.superres.superres(method="learned")``, from the array + affine only;
 4. PSNR (peak = max of the truth in the mask) and SSIM (Gaussian window sigma 1.5 voxels) against the
    1 mm truth inside a head mask (``io.foreground_mask``, closed and hole-filled) over the slab; the SR's
    own wall and CPU time.
@@ -42,7 +42,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from artifactqc import io as aq_io  # noqa: E402
-from artifactqc import slicesr  # noqa: E402
+from artifactqc.preprocess import superres as slicesr  # noqa: E402
 
 #: (contrast, path under the data root): whole-head 1 mm 3D acquisitions first, then the stroke trio
 VOLUMES = [
@@ -135,20 +135,6 @@ def run_sr(low: np.ndarray, k: int, spacing: float, centres: np.ndarray, params:
     return sr, info, cpu, wall
 
 
-def run_legacy(low, k, spacing, centres, fine, ref, mask, threads):
-    """The previous ``preprocess.superres`` (output grid starts at the first slice centre): its output
-    is brought onto the slab's fine voxels with a cubic spline before scoring."""
-    from artifactqc.preprocess import superres as previous
-
-    aff = np.diag([spacing, spacing, k * spacing, 1.0])
-    w0 = time.perf_counter()
-    out, _, _ = previous.superres(low, aff, threads=threads)
-    wall = time.perf_counter() - w0
-    pos = centres[0] + np.arange(out.shape[AXIS])
-    est = CubicSpline(pos, out, axis=AXIS)(np.clip(fine, pos[0], pos[-1])).astype(np.float32)
-    return psnr(ref, est, mask), ssim(ref, est, mask), wall
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
@@ -160,7 +146,6 @@ def main(argv=None) -> int:
     ap.add_argument("--profiles", default="box,gaussian")
     ap.add_argument("--set", action="append", default=[], help="SR parameter override key=value")
     ap.add_argument("--out", default=str(HERE))
-    ap.add_argument("--legacy", action="store_true", help="also run the previous method (preprocess.superres)")
     ap.add_argument("--tag", default="", help="suffix of the results files (e.g. quick)")
     ap.add_argument("--from-tsv", default=None, help="only rebuild results.md from results TSVs (comma-separated)")
     args = ap.parse_args(argv)
@@ -219,9 +204,6 @@ def main(argv=None) -> int:
                 row["dpsnr"] = row["psnr_sr"] - row["psnr_cubic"]
                 row.update(sr_wall_s=wall, sr_cpu_s=cpu, train_s=info.train_seconds, apply_s=info.apply_seconds,
                            est_profile=info.profile, est_width=info.profile_width / k if k else 0.0)
-                if args.legacy:
-                    row["psnr_legacy"], row["ssim_legacy"], row["legacy_wall_s"] = run_legacy(
-                        low, k, spacing, centres, fine, ref, mask, args.threads)
                 rows.append(row)
                 print(json.dumps({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
                 import pandas as pd
