@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         "factors": factors,
         "profiles": args.profiles.split(","),
         "volumes": [v for _, v in volumes],
-        "machine": f"{platform.machine()}, 2 cores shared with other jobs, torch threads {args.threads}",
+        "machine": f"{platform.machine()}, 2 cores shared with 5 other jobs (load average 12-19)",
     }
     rows = []
     tsv = out / f"results{args.tag}.tsv"
@@ -219,7 +219,8 @@ def write_md(out: Path, tsv, settings: dict, tag: str = "") -> None:
     import pandas as pd
 
     df = pd.read_csv(tsv, sep="\t")
-    cols = ["psnr_sr", "psnr_cubic", "psnr_trilinear", "dpsnr", "ssim_sr", "ssim_cubic", "ssim_trilinear", "sr_wall_s"]
+    cols = ["psnr_sr", "psnr_cubic", "psnr_trilinear", "dpsnr", "ssim_sr", "ssim_cubic", "ssim_trilinear", "sr_wall_s",
+            "sr_cpu_s"]
     mean = df.groupby(["profile", "factor"])[cols].mean().reset_index()
     worst = df.groupby(["profile", "factor"])["dpsnr"].min().rename("dpsnr_min").reset_index()
     mean = mean.merge(worst, on=["profile", "factor"])
