@@ -251,8 +251,8 @@ def fit_filters(planes: np.ndarray, factor: float, kind: str, width: float, para
 
     Training pairs: every in-plane slice of ``planes`` (n, A, B), degraded along each of its axes as the
     scanner degrades the through-plane axis (slice profile ``kind``/``width``, spacing ``factor``) at
-    ``phase_bins``-stratified slice-centre phases, brought back with the cubic spline through the centres.
-    Returns ``(filters, n_samples)``."""
+    ``ceil(factor)`` stratified random slice-centre phases, brought back with the cubic spline through the
+    centres (slices with < 5 % of their voxels above ``thr`` are skipped). Returns ``(filters, n_samples)``."""
     rng = np.random.default_rng(params.seed)
     a, b, nb = params.half_slices, params.half_width, params.phase_bins
     n_taps = (2 * a + 1) * (2 * b + 1)
