@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/_harness.py, benchmarks/encoder_eval.py
 import _harness as H  # noqa: E402
 from encoder_eval import (  # noqa: E402  (shared with benchmarks/encoder)
-    HEAD_OF, HEADS, TYPES, auroc, canon_norm, int16_x1000, quality_metrics, reorient, resample,
+    HEADS, TYPES, auroc, canon_norm, int16_x1000, quality_metrics, reorient, resample,
 )
 
 log = logging.getLogger("bench.crosssite")

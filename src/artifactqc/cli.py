@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__, progress
 
@@ -57,6 +59,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severity", type=float, required=True, help="severity in [0, 1] (0 = identity)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sidecar", default=None, help="JSON sidecar path (default: OUT with .json)")
+    p.add_argument("--noise-variant", default="rician", choices=["rician", "kspace", "gaussian"],
+                   help="magnitude noise model (default rician; gaussian can go negative)")
+    p.add_argument("--match-ssim", action="store_true",
+                   help="search the parameter so that this volume's SSIM matches the severity's target")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     p.set_defaults(func=_cmd_simulate)
@@ -70,22 +76,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-7)
     p.add_argument("--spline-distance", type=float, default=200.0, help="B-spline control-point spacing (mm)")
     p.add_argument("--mask-method", default="foreground", choices=["foreground", "otsu", "none"])
+    p.add_argument("--sidecar", default=None, help="JSON sidecar path (default: OUT with .json)")
     p.set_defaults(func=_cmd_n4)
-    p = sub.add_parser("superres", help="self-supervised super-resolution of a thick-slice volume")
+    p = sub.add_parser("superres", help="thick-slice volume -> isotropic grid tiling the slab (input's units)")
     p.add_argument("input", help="input NIfTI")
     p.add_argument("output", help="output NIfTI on an isotropic grid (a copy if the input is not anisotropic)")
-    p.add_argument("--ratio", type=float, default=1.5, help="super-resolve when max/min spacing exceeds this")
-    p.add_argument("--model", default=None, help="save the per-volume network here (.safetensors)")
-    p.add_argument("--iterations", type=int, default=600)
-    p.add_argument("--patch-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--channels", type=int, default=32)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--profile", default="gaussian", choices=["gaussian", "rect"])
+    p.add_argument("--ratio", type=float, default=1.5, help="resample when max/min spacing exceeds this")
+    p.add_argument("--method", default="cubic", choices=["cubic", "learned", "linear"],
+                   help="cubic spline through the slice centres (default), self-supervised learned filters, linear")
+    p.add_argument("--profile", default="auto", choices=["auto", "box", "gaussian"],
+                   help="slice profile for --method learned (auto = estimated from the data)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--sidecar", default=None, help="JSON sidecar path (default: OUT with .json)")
     p.set_defaults(func=_cmd_superres)
     p = sub.add_parser("train", parents=[prog], help="train the artifact encoder on clean volumes (simulated artifacts on the fly)")
     p.add_argument("paths", nargs="*", help="training volumes (NIfTI)")
@@ -174,7 +176,8 @@ def _cmd_score(args) -> int:
 def _cmd_simulate(args) -> int:
     from .simulate import simulate_file
 
-    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar)
+    params = simulate_file(args.input, args.output, args.artifact, args.severity, seed=args.seed, sidecar=args.sidecar,
+                           noise_variant=args.noise_variant, match_ssim=args.match_ssim)
     logging.getLogger("artifactqc.simulate").info(
         "wrote %s (%s, severity %.2f)", args.output, args.artifact, params["severity"]
     )
@@ -247,6 +250,7 @@ def _cmd_n4(args) -> int:
         spline_distance_mm=args.spline_distance,
         mask_method=args.mask_method,
     )
+    Path(args.sidecar or _sidecar_of(args.output)).write_text(json.dumps(out, indent=2))
     print(out)
     return 0
 
@@ -254,24 +258,19 @@ def _cmd_n4(args) -> int:
 def _cmd_superres(args) -> int:
     from .preprocess.superres import superres_file
 
-    out = superres_file(
-        args.input,
-        args.output,
-        ratio=args.ratio,
-        model_path=args.model,
-        iterations=args.iterations,
-        patch_size=args.patch_size,
-        batch_size=args.batch_size,
-        channels=args.channels,
-        n_layers=args.n_layers,
-        lr=args.lr,
-        profile=args.profile,
-        seed=args.seed,
-        threads=args.threads,
-        device=args.device,
-    )
+    out = superres_file(args.input, args.output, ratio=args.ratio, sidecar=args.sidecar or _sidecar_of(args.output),
+                        method=args.method, profile=args.profile, seed=args.seed)
     print(out)
     return 0
+
+
+def _sidecar_of(image_path: str) -> str:
+    """``<image without .nii/.nii.gz>.json``."""
+    name = str(image_path)
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)] + ".json"
+    return name + ".json"
 
 
 def _read_table(path):

@@ -45,7 +45,7 @@ from ..conftest import save_tiny_model
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = ("train_encoder", "superres", "score_shard")
+GPU_RULES = ("train_encoder", "score_shard")
 APT_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 RUN_TIMEOUT = 420  # seconds for one snakemake run on the cluster
 

@@ -74,7 +74,7 @@ rule superres:
         ratio=config["preprocess"]["superres"]["ratio"],
         settings={
             k: config["preprocess"]["superres"][k]
-            for k in ("iterations", "patch_size", "batch_size", "channels", "n_layers", "lr", "profile", "seed", "device")
+            for k in ("method", "profile", "profile_width", "half_slices", "half_width", "phase_bins", "ridge", "seed")
         },
         max_mem_mb=config["ingest"]["max_mem_mb"],
     wildcard_constraints:
@@ -87,7 +87,6 @@ rule superres:
     resources:
         mem_mb=mem_per_attempt(config["preprocess"]["superres"]["mem_mb"]),
         runtime=config["preprocess"]["superres"]["runtime"],
-        gpu=config["preprocess"]["superres"]["gpu"],
     conda:
         "../../envs/artifactqc.yaml"
     script:

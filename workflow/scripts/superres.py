@@ -11,7 +11,6 @@ summary = superres.superres_file(
     snakemake.output.volume,
     ratio=snakemake.params.ratio,
     max_mem_mb=snakemake.params.max_mem_mb,
-    threads=snakemake.threads,
     **snakemake.params.settings,
 )
 with open(snakemake.output.summary, "w") as fh:

@@ -142,9 +142,12 @@ def n4_file(
     max_mem_mb: float = 4096.0,
     **params,
 ) -> dict:
-    """N4-correct one NIfTI file, keeping its header and affine; optionally write the bias field.
+    """N4-correct one NIfTI file, keeping its header, affine and intensity units; optionally write the
+    bias field.
 
-    Returns a small summary dict (seconds, bias range) for logs.
+    N4's field has an arbitrary global scale; it is divided by its geometric mean inside the head mask
+    (``bias_scale`` in the summary), so the corrected image stays in the input's units. The output is
+    float32 (``scl_slope`` 1). Returns a summary of every parameter, the bias range and the time.
     """
     import nibabel as nib
 
@@ -152,14 +155,24 @@ def n4_file(
     vol = aq_io.load_volume(in_path, max_mem_mb=max_mem_mb)
     header = nib.load(str(in_path)).header.copy()
     header.set_data_dtype(np.float32)
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     corrected, bias = n4(vol.data, vol.affine, **params)
+    mask = head_mask(vol.data, method=params.get("mask_method", "foreground")) \
+        if params.get("mask_method", "foreground") != "none" else np.ones(bias.shape, bool)
+    g = float(np.exp(np.mean(np.log(bias[mask])))) if mask.any() else 1.0
+    bias, corrected = (bias / g).astype(np.float32), (corrected * g).astype(np.float32)
     aq_io.save_like(corrected, vol.affine, out_path, header=header)
     if bias_path:
         aq_io.save_like(bias, vol.affine, bias_path, header=header)
     return {
-        "in": str(in_path),
-        "out": str(out_path),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "input": str(in_path),
+        "output": str(out_path),
+        "bias_path": str(bias_path) if bias_path else None,
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+        "bias_scale": g,
         "bias_min": float(bias.min()),
         "bias_max": float(bias.max()),
+        "input_range": [float(vol.data.min()), float(vol.data.max())],
+        "output_range": [float(corrected.min()), float(corrected.max())],
+        "seconds": round(time.perf_counter() - t0, 2),
     }

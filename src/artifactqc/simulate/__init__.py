@@ -14,6 +14,11 @@ Two paths share one severity scale:
   integer factors) and a factor of 1 is the identity.
 * :func:`simulate_slices` (:mod:`.slices`) is the batched 2D path used for training (torch, CPU, thousands of slices/s).
 
+:func:`simulate_file` (:mod:`.files`, the ``artifactqc simulate`` CLI) is the user's tool: it maps the volume
+onto the calibrated scale with a recorded :class:`artifactqc.intensity.IntensityMap` (zero kept at zero),
+runs :func:`simulate_volume` and maps back, so the written file has the input's grid and intensity units;
+severity 0 writes the input unchanged and noise is Rician unless asked otherwise.
+
 Severity
 --------
 Every artifact type has one *physical* parameter (:data:`PARAM_NAMES`) driven by the severity ``s`` in
@@ -73,6 +78,7 @@ from .calibration import (
 )
 from .files import severity_ladder, simulate_file
 from .matching import apply_matched
+from .noise import NOISE_VARIANTS
 from .slices import apply_slices, simulate_slices, slice_targets
 from .ssim import head_mask, ssim_map, ssim_masked, ssim_slices
 from .volume import simulate_volume
@@ -92,6 +98,7 @@ __all__ = [
     "MATCH_ABS_TOLERANCE",
     "MATCH_MAX_EVALS",
     "MATCH_MAX_FACTOR",
+    "NOISE_VARIANTS",
     "severity_to_param",
     "param_to_severity",
     "target_ssim",

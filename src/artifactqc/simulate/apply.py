@@ -28,13 +28,17 @@ def apply_artifact(
     value: float,
     rng: np.random.Generator,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    noise_variant: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Apply one artifact type to a 3D volume with an explicit physical parameter ``value`` (no severity map).
 
-    Used by :func:`simulate_volume` and by the calibration benchmark.
+    Used by :func:`simulate_volume` and by the calibration benchmark. ``noise_variant`` (noise only) fixes
+    the variant instead of drawing it (:data:`~.noise.NOISE_VARIANTS`; the draw is still taken from ``rng``).
     """
     _check_artifact(artifact, allow_mix=False)
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {data.shape}")
+    if artifact == "noise":
+        return _noise_3d(data, value, rng, spacing, variant=noise_variant)
     return _APPLY_3D[artifact](data, value, rng, spacing)

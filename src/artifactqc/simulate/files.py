@@ -42,28 +42,54 @@ def severity_ladder(
     return out
 
 
-def simulate_file(in_path, out_path, artifact: str, severity: float, seed: int = 0, sidecar=None) -> dict:
-    """Read a NIfTI, normalise it, corrupt it and write NIfTI (same header/affine) + JSON sidecar.
+def simulate_file(
+    in_path,
+    out_path,
+    artifact: str,
+    severity: float,
+    seed: int = 0,
+    sidecar=None,
+    noise_variant: str = "rician",
+    match_ssim: bool = False,
+) -> dict:
+    """Corrupt one NIfTI and write it in the input's units and grid, plus a JSON sidecar of every parameter.
 
-    The output holds the corrupted *normalised* intensities (float32), in the input's voxel order and
-    affine. Returns the params dict written to the sidecar (``<out>.json`` unless ``sidecar`` is given).
+    The output has the input's affine, voxel order and header (data type float32, ``scl_slope`` 1) and its
+    intensity units: the volume is mapped onto the calibrated scale with a recorded
+    :class:`~artifactqc.intensity.IntensityMap` (:meth:`~artifactqc.intensity.IntensityMap.calibration_scale`:
+    zero stays zero for a magnitude image), corrupted with :func:`simulate_volume`, and mapped back with the
+    exact inverse; nothing is clipped. Severity 0 writes the input's values unchanged. Noise is
+    ``noise_variant`` (default Rician: the magnitude of complex Gaussian noise, non-negative by construction).
+    Returns the params written to the sidecar (``<out>.json`` unless ``sidecar`` is given).
     """
     import json
     from pathlib import Path
 
     import nibabel as nib
 
-    from ..io import load_volume, normalize_intensity, save_like
+    from ..intensity import IntensityMap
+    from ..io import load_volume, save_like
 
     vol = load_volume(in_path)
-    data = normalize_intensity(vol.data)
-    out, params = simulate_volume(data, artifact, severity, seed=seed, spacing=vol.zooms)
+    imap = IntensityMap.calibration_scale(vol.data)
+    out_n, params = simulate_volume(imap.forward(vol.data), artifact, severity, seed=seed, spacing=vol.zooms,
+                                    match_ssim=match_ssim, noise_variant=noise_variant)
+    out = vol.data.astype(np.float32, copy=True) if float(severity) == 0.0 else imap.inverse(out_n)
     hdr = nib.load(str(in_path)).header.copy()
     hdr.set_data_dtype(np.float32)
     hdr["scl_slope"] = 1.0
     hdr["scl_inter"] = 0.0
-    save_like(out.astype(np.float32), vol.affine, out_path, header=hdr)
-    params = {"input": str(in_path), "output": str(out_path), "normalisation": "io.normalize_intensity", **params}
+    save_like(out, vol.affine, out_path, header=hdr)
+    params = {
+        "input": str(in_path),
+        "output": str(out_path),
+        "units": "input's intensity units (normalised -> simulated -> mapped back)",
+        "intensity_map": imap.as_dict(),
+        "noise_variant": noise_variant,
+        "input_range": [float(vol.data.min()), float(vol.data.max())],
+        "output_range": [float(out.min()), float(out.max())],
+        **params,
+    }
     if sidecar is None:
         name = Path(out_path).name
         for ext in (".nii.gz", ".nii"):

@@ -55,6 +55,7 @@ def apply_matched(
     loss: _SSIMLoss | None = None,
     tol: float = MATCH_TOLERANCE,
     max_evals: int = MATCH_MAX_EVALS,
+    noise_variant: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Apply one artifact so that *this* sample's masked SSIM to ``data`` is ``target_ssim(severity)``.
 
@@ -79,7 +80,7 @@ def apply_matched(
 
     def run(value: float) -> float:
         rng.bit_generator.state = state  # the same draws at every trial
-        out, p = apply_artifact(data, artifact, base + value, rng, spacing)
+        out, p = apply_artifact(data, artifact, base + value, rng, spacing, noise_variant)
         tried.append((value, loss(out), out, p))
         return tried[-1][1]
 

@@ -11,8 +11,16 @@ from .calibration import PARAM_NAMES
 from .common import _rand
 
 
-def _noise_3d(data, sigma, rng, spacing):
-    variant = str(rng.choice(["rician", "kspace", "gaussian"]))
+#: Noise variants of the 3D path: magnitude of complex Gaussian noise (Rician), the same seen through a
+#: Hamming reconstruction filter (``kspace``), or additive real Gaussian noise (may go negative).
+NOISE_VARIANTS = ("rician", "kspace", "gaussian")
+
+
+def _noise_3d(data, sigma, rng, spacing, variant: str | None = None):
+    drawn = str(rng.choice(list(NOISE_VARIANTS)))  # always drawn: the random stream is the same either way
+    if variant is not None and variant not in NOISE_VARIANTS:
+        raise ValueError(f"unknown noise variant {variant!r} (one of {NOISE_VARIANTS})")
+    variant = variant or drawn
     n1 = rng.standard_normal(data.shape, dtype=np.float32)
     n2 = rng.standard_normal(data.shape, dtype=np.float32)
     params = {"variant": variant, PARAM_NAMES["noise"]: float(sigma)}

@@ -30,6 +30,7 @@ def simulate_volume(
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     rng: np.random.Generator | None = None,
     match_ssim: bool = False,
+    noise_variant: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Corrupt a 3D volume (intensities normalised to ~[0, 1]) with one artifact type or a mixture.
 
@@ -46,7 +47,8 @@ def simulate_volume(
     ``match_ssim=True`` searches the parameter per sample (:func:`apply_matched`, 2-3 simulations on
     average) so that this sample's masked SSIM to ``data`` is ``target_ssim(severity)`` within
     :data:`MATCH_TOLERANCE`; a mixture matches each component against its own input. ``params`` then
-    records ``ssim`` (achieved, overall) and ``severity_definition``.
+    records ``ssim`` (achieved, overall) and ``severity_definition``. ``noise_variant`` fixes the noise
+    variant (``NOISE_VARIANTS``; default: drawn at random, as the encoder's training data has it).
     """
     _check_artifact(artifact)
     severity = float(severity)
@@ -79,19 +81,20 @@ def simulate_volume(
             child = np.random.default_rng(int(child_seeds[i]))
             if match_ssim:
                 ref_loss = loss if out is data else _SSIMLoss(out, mask)  # each component vs its own input
-                out, p = apply_matched(out, a, sevs[i], child, spacing, loss=ref_loss)
+                out, p = apply_matched(out, a, sevs[i], child, spacing, loss=ref_loss, noise_variant=noise_variant)
             else:
-                out, p = apply_artifact(out, a, severity_to_param(a, sevs[i], dim=3), child, spacing)
+                out, p = apply_artifact(out, a, severity_to_param(a, sevs[i], dim=3), child, spacing, noise_variant)
             comps.append({"artifact": a, "severity": sevs[i], "seed": int(child_seeds[i]), **p})
         params["components"] = comps
         params["combined_severity_rule"] = "1 - D*S = prod(1 - D*s_i), D = TARGET_SSIM_DROP"
     elif match_ssim:
-        out, p = apply_matched(data, artifact, severity, rng, spacing, loss=loss)
+        out, p = apply_matched(data, artifact, severity, rng, spacing, loss=loss, noise_variant=noise_variant)
         comp_sev[artifact] = severity
         params.update(p)
         params["components"] = [{"artifact": artifact, "severity": severity, **p}]
     else:
-        out, p = apply_artifact(data, artifact, severity_to_param(artifact, severity, dim=3), rng, spacing)
+        out, p = apply_artifact(data, artifact, severity_to_param(artifact, severity, dim=3), rng, spacing,
+                                noise_variant)
         comp_sev[artifact] = severity
         params.update(p)
         params["components"] = [{"artifact": artifact, "severity": severity, **p}]
