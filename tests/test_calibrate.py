@@ -1,5 +1,5 @@
-"""Few-label calibration: ratings files (and their errors), site-robust scaling, the classifier, thresholds,
-out-of-fold evaluation and the JSON model."""
+"""Few-label calibration: ratings files (artifactqc.qc.ratings, and their errors), site-robust scaling, the
+classifier, thresholds, out-of-fold evaluation and the JSON model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from artifactqc.qc import calibrate
+from artifactqc.qc import ratings as aq_ratings
 from artifactqc.qc.evaluate import auroc
 
 HEADER = "volume_id\trating\tnote\trater\ttime\n"
@@ -23,7 +24,7 @@ def write(path, text):
 # ------------------------------------------------------------------------------------------ ratings files
 def test_ratings_keys_and_words(tmp_path):
     f = write(tmp_path / "r.tsv", HEADER + "a\t1\t\tx\tt\nb\t2\tblurry\tx\tt\nc\t3\t\tx\tt\nd\tExclude\t\tx\tt\n")
-    r = calibrate.read_ratings([f], known_ids=["a", "b", "c", "d", "e"])
+    r = aq_ratings.read_ratings([f], known_ids=["a", "b", "c", "d", "e"])
     assert dict(zip(r.volume_id, r.rating)) == {"a": "accept", "b": "doubtful", "c": "exclude", "d": "exclude"}
     assert r.set_index("volume_id").loc["b", "note"] == "blurry"
     assert r.set_index("volume_id").loc["c", "source"] == f"{f}:4"
@@ -43,21 +44,21 @@ def test_ratings_keys_and_words(tmp_path):
 )
 def test_bad_ratings_files_name_file_and_line(tmp_path, body, expected):
     f = write(tmp_path / "r.tsv", body)
-    with pytest.raises(calibrate.RatingsError) as e:
-        calibrate.read_ratings([f], known_ids=["a", "b"])
+    with pytest.raises(aq_ratings.RatingsError) as e:
+        aq_ratings.read_ratings([f], known_ids=["a", "b"])
     assert expected in str(e.value)
     assert str(f) in str(e.value)
 
 
 def test_missing_ratings_file(tmp_path):
-    with pytest.raises(calibrate.RatingsError, match="not found"):
-        calibrate.read_ratings([tmp_path / "nope.tsv"])
+    with pytest.raises(aq_ratings.RatingsError, match="not found"):
+        aq_ratings.read_ratings([tmp_path / "nope.tsv"])
 
 
 def test_latest_rating_wins_across_files(tmp_path, caplog):
     f1 = write(tmp_path / "day1.tsv", HEADER + "a\t1\t\tx\t2026-01-01T10:00:00Z\nb\t3\t\tx\t2026-01-01T10:00:00Z\n")
     f2 = write(tmp_path / "day2.tsv", HEADER + "a\t3\tghost\tx\t2026-01-02T10:00:00Z\nb\t3\t\tx\t2026-01-02T10:00:00Z\n")
-    r = calibrate.read_ratings([f2, f1]).set_index("volume_id")  # order of files does not matter: time does
+    r = aq_ratings.read_ratings([f2, f1]).set_index("volume_id")  # order of files does not matter: time does
     assert r.loc["a", "rating"] == "exclude" and r.loc["a", "source"] == f"{f2}:2"
     assert "a rated differently" in caplog.text and "b rated differently" not in caplog.text
 
@@ -66,7 +67,7 @@ def test_merge_labels_file_overrides_sheet():
     cohort = pd.DataFrame({"volume_id": ["a", "b", "c"], "label": ["pass", "fail", ""]})
     ratings = pd.DataFrame({"volume_id": ["a", "c"], "rating": ["exclude", "doubtful"], "note": "", "rater": "r",
                             "time": "", "source": ["f:2", "f:3"]})
-    m = calibrate.merge_labels(cohort, ratings, ["fail", "exclude"], ["pass", "accept"]).set_index("volume_id")
+    m = aq_ratings.merge_labels(cohort, ratings, ["fail", "exclude"], ["pass", "accept"]).set_index("volume_id")
     assert list(m["label"]) == ["exclude", "fail", "doubtful"]
     assert list(m["label_source"]) == ["f:2", "sheet", "f:3"]
     assert m.loc["a", "fail"] == True and m.loc["b", "fail"] == True  # noqa: E712
@@ -75,11 +76,11 @@ def test_merge_labels_file_overrides_sheet():
 
 def test_labels_to_ratings_round_trip(tmp_path):
     sheet = pd.DataFrame({"volume_id": ["a", "b", "c", "d"], "label": ["fail", "pass", "", "maybe"]})
-    r = calibrate.labels_to_ratings(sheet, ["fail"], ["pass"], rater="gt", time="t")
+    r = aq_ratings.labels_to_ratings(sheet, ["fail"], ["pass"], rater="gt", time="t")
     assert list(zip(r.volume_id, r.rating)) == [("a", "exclude"), ("b", "accept")]
     f = tmp_path / "r.tsv"
     r.to_csv(f, sep="\t", index=False)
-    back = calibrate.read_ratings([f], known_ids=sheet.volume_id)
+    back = aq_ratings.read_ratings([f], known_ids=sheet.volume_id)
     assert list(back.rating) == ["exclude", "accept"]
 
 

@@ -322,7 +322,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_check_ratings(args) -> int:
-    from .qc.calibrate import RatingsError, read_ratings
+    from .qc.ratings import RatingsError, read_ratings
 
     known = _read_table(args.cohort)["volume_id"].astype(str) if args.cohort else None
     try:

@@ -6,6 +6,7 @@ import pandas as pd
 
 from artifactqc import runlog
 from artifactqc.qc import calibrate
+from artifactqc.qc.ratings import RatingsError
 from artifactqc.io import sha256_file
 
 log = runlog.to_file(snakemake.log[0])
@@ -24,7 +25,7 @@ try:
         seed=p.seed,
         **p.fit,
     )
-except calibrate.RatingsError as exc:
+except RatingsError as exc:
     log.error("%s", exc)
     print(f"calibrate: bad ratings file:\n{exc}", file=sys.__stderr__)
     sys.exit(1)

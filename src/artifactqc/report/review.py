@@ -22,7 +22,7 @@ scale: each rating there teaches the model the most), then the rated ones.
 Keyboard: 1 accept, 2 doubtful, 3 exclude (then the next volume), → / ↓ / j next, ← / ↑ / k previous,
 n the note field (Esc leaves it). Ratings live in the browser's ``localStorage`` (per page storage key),
 survive reloads, and export as the TSV ``volume_id, rating, note, rater, time`` that
-:func:`artifactqc.qc.calibrate.read_ratings` reads back (config ``labels.ratings``). Ratings already given
+:func:`artifactqc.qc.ratings.read_ratings` reads back (config ``labels.ratings``). Ratings already given
 (sheet labels, earlier ratings files) are shown as rated and included in an export.
 """
 
