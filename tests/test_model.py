@@ -698,7 +698,9 @@ def test_time_capped_training_keeps_time_for_the_volume_head(tmp_path, toy_cohor
     paths, _ = toy_cohort
     m = _train(tmp_path / "cap", paths, epochs=500, patience=500, max_minutes=0.15, pool_refresh=None)
     assert m["stop_reason"].startswith("time limit") and m["volume_head"]["best_epoch"] >= 1
-    assert m["train_seconds"] < 0.15 * 60 + 15
+    # the cap stopped a run of 500 epochs (minutes uncapped); the margin covers model set-up, the head fit
+    # and a loaded machine (this is not a speed test: a CI run beside other jobs took > 24 s)
+    assert m["train_seconds"] < 0.15 * 60 + 60
     info = json.loads((tmp_path / "cap" / "model.json").read_text())
     assert info["training"]["hyperparameters"]["ema_decay"] == pytest.approx(0.995)
     assert load_model(tmp_path / "cap", device="cpu").volume_head is not None
