@@ -242,3 +242,16 @@ def test_cli_check_ratings(tmp_path, capsys):
     bad = write(tmp_path / "bad.tsv", HEADER + "a\t3\t\t\t\nc\t1\t\t\t\n")
     assert main(["check-ratings", str(bad), "--cohort", str(cohort)]) == 1
     assert f"{bad}:3: unknown volume_id 'c'" in capsys.readouterr().err
+
+
+def test_write_calibration_says_when_two_fails_cannot_be_cross_validated(tmp_path):
+    """Two rated fails fit a model but no fold can (each fold's fit needs 2 fails of the other folds): the
+    status and metrics.md say so instead of leaving the out-of-fold rows silently empty (as the demo did)."""
+    scores, _ = scores_table()
+    lines = "".join(f"A-{i}\t{3 if i in (1, 2) else 1}\t\t\t\n" for i in range(1, 11))
+    f = write(tmp_path / "r.tsv", HEADER + lines)
+    out = {k: tmp_path / k for k in ("model", "thresholds", "labels", "metrics", "markdown", "cohort", "tsv")}
+    res = calibrate.write_calibration(scores, [f], out, fail_values=["exclude"], pass_values=["accept"], n_boot=10)
+    assert res["status"].startswith("fitted on 10 rated volumes (2 fail)")
+    assert "out-of-fold evaluation covers 0 of 10 rated volumes" in res["status"]
+    assert "2 rated fails are too few" in out["markdown"].read_text()

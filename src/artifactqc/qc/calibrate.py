@@ -373,6 +373,13 @@ def calibrate_cohort(scores: pd.DataFrame, ratings_paths: Sequence[str | Path], 
         cv = cross_validate(feats_df, features, n_folds=n_folds, seed=seed, **fit_kw)
         out.loc[cv.index, "p_fail_cv"] = cv["p_fail_cv"]
         out.loc[cv.index, "flagged_calibrated_cv"] = cv["flagged_calibrated_cv"]
+        n_rated, n_cv = len(cv), int(cv["p_fail_cv"].notna().sum())
+        if n_cv < n_rated:
+            n_fail = int(feats_df["fail"].eq(True).sum())
+            status += (f"; the out-of-fold evaluation covers {n_cv} of {n_rated} rated volumes: each fold's fit needs "
+                       f"at least 2 fail and 2 pass ratings of the other folds, and {n_fail} rated fails are too few "
+                       "(at least 3, better 10 or more)")
+            log.warning("calibration: out-of-fold evaluation covers %d of %d rated volumes", n_cv, n_rated)
     # thresholds and label counts per site
     counts = _label_counts(out[ok])
     thr = counts.reset_index().rename(columns={"index": "site"})
