@@ -66,6 +66,7 @@ def test_min_scale_floor_and_failed_rows():
     assert out.score_site_scale.iloc[0] == pytest.approx(0.1)  # MAD is 0
     np.testing.assert_allclose(out.score_site[:5], [0, 0, 0, 0, 1.0])
     assert np.isnan(out.score_site.iloc[5]) and out.score_site_basis.iloc[5] == ""
+    assert out[["score_site_n_ref", "score_site_median", "score_site_scale"]].iloc[5].isna().all()
     with pytest.raises(ValueError, match="min_scale"):
         S.site_scores(df, None, min_scale=0)
 

@@ -103,8 +103,11 @@ def site_scores(
             log.info("site %s: %d reference volumes < %d: site-aware score uses the pooled reference", s, k,
                      min_reference)
     z = (score - med) / scale
-    z[~ok] = np.nan
+    # a row without a score has no site-aware score, so no reference statistics behind one either
+    z[~ok], med[~ok], scale[~ok] = np.nan, np.nan, np.nan
     basis[~ok] = ""
+    nref = pd.array(nref, dtype="Int64")
+    nref[~ok] = pd.NA
     return pd.DataFrame({"score_site": z, "score_site_basis": basis, "score_site_n_ref": nref,
                          "score_site_median": med, "score_site_scale": scale}, index=df.index)
 
