@@ -128,6 +128,19 @@ def predict_volume(model: torch.nn.Module, slices: np.ndarray, batch_size: int =
     return volume_outputs(model, predict_slices(model, slices, batch_size, device))
 
 
+def score_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None) -> dict:
+    """A volume's row values from its slices (as :func:`artifactqc.encoder.slices.extract_from_array` returns
+    them, float32 ``[N, S, S]``): the encoder's outputs (:func:`predict_volume`) with its score kept as
+    ``score_learned``, the clipping check (``saturation``, ``severity_clipping``,
+    :mod:`artifactqc.encoder.saturation`) and ``score`` = max(score_learned, SCORE_SCALE × severity_clipping).
+    Every scoring path (cohort rows, image rulers, the simulated-artifact comparison) goes through here."""
+    out = predict_volume(model, slices, batch_size, device)
+    out.update(saturation_columns(slices))
+    out["score_learned"] = out["score"]
+    out["score"] = combined_score(out["score_learned"], out["severity_clipping"])
+    return out
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, io.VolumeError):
         return f"{exc.error_type}: {exc.message}"
@@ -141,10 +154,7 @@ def score_volume(model: torch.nn.Module, path: str | os.PathLike, batch_size: in
     row: dict = {"path": str(path), "status": "ok", "error": None}
     try:
         sl, info = extract_slices(path, model.slice_cfg)
-        row.update(predict_volume(model, sl, batch_size))
-        row.update(saturation_columns(sl))
-        row["score_learned"] = row["score"]
-        row["score"] = combined_score(row["score_learned"], row["severity_clipping"])
+        row.update(score_slices(model, sl, batch_size))
         row["n_slices"] = int(info["n_slices"])
     except Exception as exc:  # one bad file must never stop the batch
         log.warning("scoring failed for %s: %s", path, _error_text(exc))
