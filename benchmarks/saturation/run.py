@@ -17,6 +17,8 @@ threshold and the fractions/severities at each clip level; results.tsv every row
 
     .venv/bin/python benchmarks/saturation/run.py [--data ../shared/data] [--threads 1]
     .venv/bin/python benchmarks/saturation/run.py --from-log LOG      # rebuild results.* from a run's rows
+    ... --crosssite-cache benchmarks/crosssite/cache/<fold>/eval-<n>.npz ...   # also: the check on the
+                                      # leave-site-out evaluation cache (float16 slices of every evaluation row)
 """
 
 from __future__ import annotations
@@ -162,11 +164,44 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def crosssite_rows(paths) -> list[dict]:
+    """The check on the leave-site-out benchmark's cached evaluation slices (``X`` float16 ``[rows, N, S, S]``,
+    ``meta`` JSON per row: kind, artifact, definition), one row per cached row."""
+    import json
+
+    from artifactqc.encoder.saturation import saturation_columns
+
+    out = []
+    for p in paths:
+        z = np.load(p)
+        for x, m in zip(z["X"], z["meta"]):
+            m = json.loads(str(m))
+            out.append({"cache": str(Path(p).parent.name), "kind": m["kind"], "artifact": m["artifact"],
+                        "definition": m.get("definition", ""), **saturation_columns(x)})
+    return out
+
+
+def crosssite_lines(rows: list[dict]) -> list[str]:
+    import pandas as pd
+
+    d = pd.DataFrame(rows)
+    d["group"] = np.where(d.kind == "unseen", d.artifact + " " + d.definition, d.kind)
+    L = ["", "## On the leave-site-out evaluation cache", "",
+         "`--crosssite-cache benchmarks/crosssite/cache/{ixi,clinical2d}/eval-3.npz` (the proxy folds' caches).",
+         f"Folds {', '.join(sorted(d.cache.unique()))} (the cached float16 slices the benchmark scores; simulated = the",
+         "five types at every severity and both definitions; unseen = the kinds training never simulates):", "",
+         "| rows | n | fraction max | severity_clipping min / max | rows with severity > 0 |", "|---|---|---|---|---|"]
+    for gname, g in d.groupby("group", sort=True):
+        L.append(f"| {gname} | {len(g)} | {g.saturation.max():.4f} | {g.severity_clipping.min():.2f} / "
+                 f"{g.severity_clipping.max():.2f} | {int((g.severity_clipping > 0).sum())} |")
+    return L
+
+
 def _f(x: float, nd: int = 4) -> str:
     return f"{x:.{nd}f}"
 
 
-def write_results(rows: list[dict], out: Path, sp: dict | None) -> None:
+def write_results(rows: list[dict], out: Path, sp: dict | None, cross: list[dict] | None = None) -> None:
     import pandas as pd
 
     s = summarise(rows)
@@ -218,6 +253,8 @@ def write_results(rows: list[dict], out: Path, sp: dict | None) -> None:
     L += ["", "Such a file is saturated in its bright tissue, but over so few, scattered voxels that the check (which",
           "counts the interior of saturated regions) stays at severity 0. Low-end saturation is not checked: 0 is",
           "the background of every volume (and the floor of the scorer's scaling), so a plateau at 0 says nothing."]
+    if cross:
+        L += crosssite_lines(cross)
     if sp:
         L += ["", f"Speed: {sp['ms_median']:.2f} ms per volume (median of 50 calls on a 24 × 128 × 128 float32 stack, "
               "one thread), beside ~30 ms to score a volume."]
@@ -230,6 +267,8 @@ def main(argv=None) -> int:
     H.add_threads_arg(ap)
     H.add_out_arg(ap, HERE)
     H.add_from_log_arg(ap)
+    ap.add_argument("--crosssite-cache", nargs="*", default=[],
+                    help="leave-site-out evaluation caches (eval-<n>.npz) to run the check on as well")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     import torch
@@ -240,7 +279,7 @@ def main(argv=None) -> int:
         rows = H.rows_from_log(a.from_log)
     else:
         rows = run(H.data_dir(a.data))
-    write_results(rows, out, speed())
+    write_results(rows, out, speed(), crosssite_rows(a.crosssite_cache) if a.crosssite_cache else None)
     print((out / "results.md").read_text())
     return 0
 
