@@ -19,6 +19,8 @@ threshold and the fractions/severities at each clip level; results.tsv every row
     .venv/bin/python benchmarks/saturation/run.py --from-log LOG      # rebuild results.* from a run's rows
     ... --crosssite-cache benchmarks/crosssite/cache/<fold>/eval-<n>.npz ...   # also: the check on the
                                       # leave-site-out evaluation cache (float16 slices of every evaluation row)
+    ... --crosssite-model benchmarks/crosssite/cache/<fold>/<budget>/model ...  # one per cache: AUROC vs the
+                                      # fold's clean rows of score_learned and of the combined score
 """
 
 from __future__ import annotations
@@ -181,6 +183,37 @@ def crosssite_rows(paths) -> list[dict]:
     return out
 
 
+def crosssite_auroc(caches, models) -> list[dict]:
+    """Per fold (cache + the fold's model): AUROC vs the fold's clean rows of the encoder's ``score_learned`` and of
+    the combined ``score`` (``encoder.score.score_slices`` on the cached slices), per unseen kind, over every unseen
+    row and over the simulated rows with SS >= 0.5; and which rows the combination changed."""
+    import json
+
+    from encoder_eval import auroc
+
+    from artifactqc.encoder.checkpoint import load_model
+    from artifactqc.encoder.score import score_slices
+
+    out = []
+    for cache, mdir in zip(caches, models):
+        z = np.load(cache)
+        model = load_model(mdir, device="cpu")
+        R = [json.loads(str(m)) | score_slices(model, x.astype(np.float32)) for x, m in zip(z["X"], z["meta"])]
+        clean = [r for r in R if r["kind"] == "clean"]
+        for key in ("score_learned", "score"):
+            neg = [r[key] for r in clean]
+            shown = str(mdir)[str(mdir).find("benchmarks/"):] if "benchmarks/" in str(mdir) else str(mdir)
+            row = {"fold": Path(cache).parent.name, "model": shown, "score": key, "clean_max": max(neg)}
+            for k in sorted({r["artifact"] for r in R if r["kind"] == "unseen"}):
+                row[k] = auroc([r[key] for r in R if r["kind"] == "unseen" and r["artifact"] == k], neg)
+            row["unseen_all"] = auroc([r[key] for r in R if r["kind"] == "unseen"], neg)
+            row["simulated_ss_ge_0.5"] = auroc([r[key] for r in R if r["kind"] == "simulated" and r["severity"] >= 0.5], neg)
+            row["changed_rows"] = sorted({f"{r['kind']} {r['artifact']} {r.get('definition', '')}".strip()
+                                          for r in R if r["score"] != r["score_learned"]})
+            out.append(row)
+    return out
+
+
 def crosssite_lines(rows: list[dict]) -> list[str]:
     import pandas as pd
 
@@ -201,7 +234,8 @@ def _f(x: float, nd: int = 4) -> str:
     return f"{x:.{nd}f}"
 
 
-def write_results(rows: list[dict], out: Path, sp: dict | None, cross: list[dict] | None = None) -> None:
+def write_results(rows: list[dict], out: Path, sp: dict | None, cross: list[dict] | None = None,
+                  cross_auc: list[dict] | None = None) -> None:
     import pandas as pd
 
     s = summarise(rows)
@@ -255,6 +289,16 @@ def write_results(rows: list[dict], out: Path, sp: dict | None, cross: list[dict
           "the background of every volume (and the floor of the scorer's scaling), so a plateau at 0 says nothing."]
     if cross:
         L += crosssite_lines(cross)
+    if cross_auc:
+        kinds = [k for k in cross_auc[0] if k not in ("fold", "model", "score", "clean_max", "changed_rows")]
+        L += ["", "AUROC against the fold's clean held-out rows with each fold's model (`--crosssite-model`): the",
+              "encoder's own `score_learned` and the combined `score` = max(score_learned, 2 × severity_clipping):", "",
+              "| fold | score | clean max | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
+        for r in cross_auc:
+            L.append(f"| {r['fold']} | {r['score']} | {r['clean_max']:.2f} | " + " | ".join(f"{r[k]:.3f}" for k in kinds) + " |")
+        L += ["", "Rows whose score the combination changed: "
+              + "; ".join(f"{r['fold']}: {', '.join(r['changed_rows']) or 'none'}" for r in cross_auc if r["score"] == "score")
+              + ". Models: " + ", ".join(sorted({r["model"] for r in cross_auc})) + "."]
     if sp:
         L += ["", f"Speed: {sp['ms_median']:.2f} ms per volume (median of 50 calls on a 24 × 128 × 128 float32 stack, "
               "one thread), beside ~30 ms to score a volume."]
@@ -269,6 +313,8 @@ def main(argv=None) -> int:
     H.add_from_log_arg(ap)
     ap.add_argument("--crosssite-cache", nargs="*", default=[],
                     help="leave-site-out evaluation caches (eval-<n>.npz) to run the check on as well")
+    ap.add_argument("--crosssite-model", nargs="*", default=[],
+                    help="one model folder per --crosssite-cache (that fold's): AUROC of score_learned vs score")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     import torch
@@ -279,7 +325,10 @@ def main(argv=None) -> int:
         rows = H.rows_from_log(a.from_log)
     else:
         rows = run(H.data_dir(a.data))
-    write_results(rows, out, speed(), crosssite_rows(a.crosssite_cache) if a.crosssite_cache else None)
+    if a.crosssite_model and len(a.crosssite_model) != len(a.crosssite_cache):
+        sys.exit("--crosssite-model needs one model folder per --crosssite-cache")
+    write_results(rows, out, speed(), crosssite_rows(a.crosssite_cache) if a.crosssite_cache else None,
+                  crosssite_auroc(a.crosssite_cache, a.crosssite_model) if a.crosssite_model else None)
     print((out / "results.md").read_text())
     return 0
 
