@@ -217,23 +217,34 @@ def test_pair_settings_are_checked():
 # ------------------------------------------------------------------------------------------ training
 def test_training_with_pairs_runs_records_and_is_deterministic(tmp_path, toy_cohort):  # noqa: F811
     paths, _ = toy_cohort
-    kw = dict(epochs=2, val_volumes=[str(paths[0])], render_pairs=0.5, rank_pairs=0.3, consistency=2.0, rank=1.5,
-              rank_margin=0.7, pair_batch=0.5, pair_planes=2, pool_refresh=2)
+    kw = dict(epochs=2, val_volumes=[str(paths[0])], render_pairs=1.0, consistency=2.0, rank=1.5, rank_margin=0.7,
+              pair_batch=0.5, pair_planes=2, pool_refresh=2)
     m1 = _train(tmp_path / "p1", paths, **kw)
     m2 = _train(tmp_path / "p2", paths, **kw)
     info = json.loads((tmp_path / "p1" / "model.json").read_text())["training"]
     hp = info["hyperparameters"]
     assert (hp["render_pairs"], hp["rank_pairs"], hp["consistency"], hp["rank"], hp["rank_margin"],
-            hp["pair_batch"], hp["pair_planes"]) == (0.5, 0.3, 2.0, 1.5, 0.7, 0.5, 2)
+            hp["pair_batch"], hp["pair_planes"]) == (1.0, 0.0, 2.0, 1.5, 0.7, 0.5, 2)
     made = info["pairs"]
-    assert made["twin"]["entries"] + made["rank"]["entries"] > 0
-    assert sum(made[k]["entries"] for k in ("single", "twin", "rank")) == m1["n_corrupted_volumes"]
-    losses = set(info["epochs"][-1])
-    assert {"train_consistency", "train_rank"} & losses
-    assert all(math.isfinite(e["train_loss"]) for e in info["epochs"])
-    assert io.sha256_file(tmp_path / "p1" / "encoder.safetensors") == io.sha256_file(
-        tmp_path / "p2" / "encoder.safetensors")
-    assert m1["best_val_loss"] == m2["best_val_loss"]
+    assert made["twin"]["entries"] == m1["n_corrupted_volumes"] > 0 and made["single"]["entries"] == 0
+    assert all(e["train_consistency"] > 0 and math.isfinite(e["train_loss"]) for e in info["epochs"])
+    sha = lambda d: io.sha256_file(tmp_path / d / "encoder.safetensors")  # noqa: E731
+    assert sha("p1") == sha("p2") and m1["best_val_loss"] == m2["best_val_loss"]
+    # the paired loss reaches the weights: without its weight (same pool, same batches) they differ
+    _train(tmp_path / "c0", paths, **{**kw, "consistency": 0.0})
+    assert sha("c0") != sha("p1")
+
+
+def test_training_with_ranking_pairs_uses_the_ranking_loss(tmp_path, toy_cohort):  # noqa: F811
+    paths, _ = toy_cohort
+    kw = dict(epochs=1, val_volumes=[str(paths[0])], rank_pairs=1.0, rank_margin=1.0, pool_refresh=2)
+    m = _train(tmp_path / "r1", paths, **kw)
+    _train(tmp_path / "r0", paths, **{**kw, "rank": 0.0})
+    info = json.loads((tmp_path / "r1" / "model.json").read_text())["training"]
+    assert m["pairs"]["rank"]["entries"] == m["n_corrupted_volumes"] and info["hyperparameters"]["rank_pairs"] == 1.0
+    assert "train_rank" in info["epochs"][0] and "train_consistency" not in info["epochs"][0]
+    sha = lambda d: io.sha256_file(tmp_path / d / "encoder.safetensors")  # noqa: E731
+    assert sha("r1") != sha("r0")
 
 
 def test_pairs_off_is_the_default_training(tmp_path, toy_cohort):  # noqa: F811
