@@ -16,8 +16,8 @@ from artifactqc.encoder.network import SCORE_SCALE
 from artifactqc.encoder.slices import scale_for_simulation
 from artifactqc.training.config import TrainConfig
 from artifactqc.training.losses import consistency_loss, ranking_loss
-from artifactqc.training.pairs import (FOREGROUND, _PairPool, make_rank_entries, make_twin_entries, render_tissues,
-                                       tissue_classes)
+from artifactqc.training.pairs import (FOREGROUND, _PairPool, make_rank_entries, make_twin_entries, median3,
+                                       render_tissues, tissue_classes)
 from artifactqc.training.volumes import _CleanVolume
 
 from .test_model import _toy_sim, _train, toy_cohort  # noqa: F401  (toy_cohort is a fixture)
@@ -49,6 +49,19 @@ def test_tissue_classes_find_the_tissues_and_merge_a_split_one():
         assert mu == pytest.approx(float(np.median(data[m])), abs=0.03)
 
 
+def test_median3_keeps_a_step_edge_and_removes_voxel_noise():
+    rng = np.random.default_rng(0)
+    step = np.zeros((20, 20, 20), np.float32)
+    step[:, :, 10:] = 1.0
+    assert np.array_equal(median3(step), step)  # the edge stays where it is, unblurred
+    noisy = step + rng.normal(0, 0.1, step.shape).astype(np.float32)
+    assert np.std(median3(noisy)[:, :, 2:8]) < 0.6 * np.std(noisy[:, :, 2:8])
+    line = rng.normal(0, 1, 20).astype(np.float32)  # varies along the last axis only: a 1D median of 3 there
+    vol = np.broadcast_to(line, (5, 6, 20)).copy()
+    expect = np.median(np.stack([line[:-2], line[1:-1], line[2:]]), 0)
+    assert np.array_equal(median3(vol)[2, 3, 1:-1], expect)
+
+
 def test_render_keeps_mask_and_geometry_changes_tissue_order_and_is_deterministic():
     data, masks = _three_tissues()
     orders, seen_nonmonotone = set(), False
@@ -73,14 +86,17 @@ def test_render_keeps_mask_and_geometry_changes_tissue_order_and_is_deterministi
 
 
 def test_render_keeps_within_tissue_texture_without_amplifying_it():
+    from scipy import ndimage as ndi
+
     data, masks = _three_tissues()
-    for seed in range(6):
+    inner = [ndi.binary_erosion(m, iterations=2) for m in masks]  # away from the partial-volume boundaries
+    for seed in range(8):
         out, _ = render_tissues(data, np.random.default_rng(seed))
-        for m in masks:
-            # the per-voxel texture of a tissue is a scaled copy (correlation ~1), scaled by at most the slope
-            # limit (the volume's own noise must not become a noise artifact)
+        for m in inner:
+            # the per-voxel texture of a tissue is a scaled copy (correlation ~1, never folded), scaled by at most
+            # the slope limit (the volume's own noise must not become a noise artifact)
             r = np.corrcoef(data[m], out[m])[0, 1]
-            assert abs(r) > 0.9
+            assert r > 0.95
             scale_ratio = out[m].std() / data[m].std()
             assert scale_ratio < 3.5
 
