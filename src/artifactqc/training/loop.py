@@ -327,6 +327,9 @@ def _log_epoch(rec: dict, pool: _Pool, epochs: int) -> None:
         rec["val_clean_score_mean"], rec["val_clean_score_sd"], rec["val_score_at_0.5"], sp, rec["train_seconds"],
         rec["sim_seconds"], rec["pool_added"], len(pool.entries), pool.made,
     )
+    if isinstance(pool, _PairPool):
+        log.info("  pairs: consistency %.4f rank %.4f | %s", rec.get("train_consistency", float("nan")),
+                 rec.get("train_rank", float("nan")), pool.summary())
 
 
 def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, run: _Run):
