@@ -15,7 +15,7 @@ from artifactqc.encoder import slices
 from artifactqc.encoder.network import SCORE_SCALE
 from artifactqc.encoder.slices import scale_for_simulation
 from artifactqc.training.config import TrainConfig
-from artifactqc.training.losses import consistency_loss, ranking_loss
+from artifactqc.training.losses import consistency_loss, head_ranking_loss, ranking_loss
 from artifactqc.training.pairs import (FOREGROUND, _PairPool, make_rank_entries, make_twin_entries, median3,
                                        render_tissues, tissue_classes)
 from artifactqc.training.volumes import _CleanVolume
@@ -172,9 +172,10 @@ def test_pair_pool_makes_pairs_and_samples_the_same_planes():
     assert pool.fill(8) >= 8 and len(pool.entries) == pool.made
     kinds = {p[0] for p in pool.pairs}
     assert kinds == {"twin", "rank"} and 2 * len(pool.pairs) == len(pool.entries)
-    x, sev = pool.sample_pairs("rank", 8, 4, torch.Generator().manual_seed(0))
+    x, sev, tgt = pool.sample_pairs("rank", 8, 4, torch.Generator().manual_seed(0))
     assert len(x) == 2 and x[0].shape[0] == 8 and (sev[:, 0] < sev[:, 1]).all()
-    x, sev = pool.sample_pairs("twin", 4, 4, torch.Generator().manual_seed(0))
+    assert tgt.shape == (2, 2, 5) and (tgt[:, 0, 0] < tgt[:, 1, 0]).all()  # the toy simulator's noise head rises
+    x, sev, _ = pool.sample_pairs("twin", 4, 4, torch.Generator().manual_seed(0))
     assert len(x) == 4 and all(t.shape[0] == 4 for t in x)
     assert (x[2] > 0.05).eq(x[3] > 0.05).float().mean() > 0.95  # clean A / B: the same planes (same head mask)
     # FIFO: beyond the capacity old pairs leave together with their entries
@@ -220,6 +221,25 @@ def test_ranking_loss_is_zero_when_ordered_by_the_margin_and_ignores_offsets():
     assert float(ranking_loss(ok_hi, base, sev_lo, sev_hi, planes, 0.5)) > float(loss)
 
 
+def test_head_ranking_counts_only_the_heads_whose_severity_rises():
+    planes = 2
+    t_lo = torch.tensor([[0.2, 0.0, 0.0, 0.0, 0.0]])
+    t_hi = torch.tensor([[0.8, 0.0, 0.0, 0.0, 0.0]])  # only the first head's severity rises
+    lo = torch.zeros(planes, 5)
+    hi = torch.zeros(planes, 5)
+    hi[:, 0] = 3.0  # p 0.5 -> 0.95: rises by more than 0.5 * 0.6
+    hi[:, 1:] = -4.0  # the other heads fall: not ranked (their severity did not rise)
+    assert float(head_ranking_loss(lo, hi, t_lo, t_hi, planes, 0.5)) == 0.0
+    hi_bad = hi.clone().requires_grad_(True)
+    with torch.no_grad():
+        hi_bad[:, 0] = 0.2  # p rises by 0.05 only
+    loss = head_ranking_loss(lo, hi_bad, t_lo, t_hi, planes, 0.5)
+    assert float(loss) == pytest.approx(0.3 - (float(torch.sigmoid(torch.tensor(0.2))) - 0.5), rel=1e-5)
+    loss.backward()
+    assert hi_bad.grad[:, 0].lt(0).all() and hi_bad.grad[:, 1:].eq(0).all()
+    assert float(head_ranking_loss(lo, hi, t_lo, t_lo, planes, 0.5)) == 0.0  # nothing rises: no term
+
+
 def test_pair_settings_are_checked():
     with pytest.raises(ValueError, match="render_pairs"):
         TrainConfig(render_pairs=1.5)
@@ -256,11 +276,13 @@ def test_training_with_ranking_pairs_uses_the_ranking_loss(tmp_path, toy_cohort)
     kw = dict(epochs=1, val_volumes=[str(paths[0])], rank_pairs=1.0, rank_margin=1.0, pool_refresh=2)
     m = _train(tmp_path / "r1", paths, **kw)
     _train(tmp_path / "r0", paths, **{**kw, "rank": 0.0})
+    mh = _train(tmp_path / "rh", paths, **{**kw, "rank_heads": 1.0})
     info = json.loads((tmp_path / "r1" / "model.json").read_text())["training"]
     assert m["pairs"]["rank"]["entries"] == m["n_corrupted_volumes"] and info["hyperparameters"]["rank_pairs"] == 1.0
     assert "train_rank" in info["epochs"][0] and "train_consistency" not in info["epochs"][0]
+    assert "train_rank_heads" not in info["epochs"][0] and mh["final"]["train_rank_heads"] >= 0
     sha = lambda d: io.sha256_file(tmp_path / d / "encoder.safetensors")  # noqa: E731
-    assert sha("r1") != sha("r0")
+    assert sha("r1") != sha("r0") and sha("rh") != sha("r1")
 
 
 def test_pairs_off_is_the_default_training(tmp_path, toy_cohort):  # noqa: F811

@@ -58,7 +58,9 @@ class TrainConfig:
     same artifact on both; loss :func:`~artifactqc.training.losses.consistency_loss` with weight
     ``consistency``), ``rank_pairs`` the fraction made as *ranking pairs* (one anatomy, one artifact type and
     seed at two severities; :func:`~artifactqc.training.losses.ranking_loss` with weight ``rank`` and margin
-    ``rank_margin`` × the calibrated score difference). A pair counts as two entries of ``pool_refresh``.
+    ``rank_margin`` × the calibrated score difference; with ``rank_heads`` > 0 also the heads whose simulated
+    severity rises, :func:`~artifactqc.training.losses.head_ranking_loss`, with that weight). A pair counts as
+    two entries of ``pool_refresh``.
     Every batch then adds, per enabled kind, ``pair_batch`` × ``batch_size`` planes drawn as pairs of
     ``pair_planes`` planes each (the same planes in both members).
     """
@@ -95,6 +97,7 @@ class TrainConfig:
     rank_pairs: float = 0.0
     rank: float = 1.0
     rank_margin: float = 0.5
+    rank_heads: float = 0.0
     pair_batch: float = 0.25
     pair_planes: int = 4
     encoder: dict | None = field(default_factory=dict)
@@ -107,7 +110,7 @@ class TrainConfig:
             raise ValueError(f"render_pairs + rank_pairs must be at most 1, got {self.render_pairs} + {self.rank_pairs}")
         if int(self.pair_planes) < 1:
             raise ValueError(f"pair_planes must be at least 1, got {self.pair_planes}")
-        for name in ("consistency", "rank", "rank_margin"):
+        for name in ("consistency", "rank", "rank_margin", "rank_heads"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -132,7 +135,7 @@ class TrainConfig:
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
                 "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
-                "rank_margin", "pair_batch", "pair_planes")
+                "rank_margin", "rank_heads", "pair_batch", "pair_planes")
         d = {k: getattr(self, k) for k in keys}
         d["val_severities"] = list(self.val_severities)
         return d

@@ -114,3 +114,17 @@ def ranking_loss(s_lo: torch.Tensor, s_hi: torch.Tensor, sev_lo: torch.Tensor, s
     m_lo = s_lo.reshape(-1, p).mean(1)
     m_hi = s_hi.reshape(-1, p).mean(1)
     return F.relu(SCORE_SCALE * (sev_hi - sev_lo) * float(margin) - (m_hi - m_lo)).mean()
+
+
+def head_ranking_loss(logits_lo: torch.Tensor, logits_hi: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor,
+                      planes: int, margin: float = 0.5) -> torch.Tensor:
+    """The ranking of :func:`ranking_loss` for the five heads: for every head whose simulated severity rises
+    within a pair (``t_hi > t_lo``, [P, 5]), the pair's plane-mean probability must rise by ``margin`` times
+    that rise: ``relu(margin (t_hi - t_lo) - (p_hi - p_lo))``, averaged over those heads (zero when none)."""
+    p = max(1, int(planes))
+    n = t_lo.shape[0]
+    p_lo = torch.sigmoid(logits_lo).reshape(n, p, -1).mean(1)
+    p_hi = torch.sigmoid(logits_hi).reshape(n, p, -1).mean(1)
+    dt = t_hi - t_lo
+    rises = (dt > 0).float()
+    return (F.relu(float(margin) * dt - (p_hi - p_lo)) * rises).sum() / rises.sum().clamp(min=1.0)

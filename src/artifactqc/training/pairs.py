@@ -286,15 +286,15 @@ class _PairPool(_Pool):
         """``n_planes // planes`` pairs of ``kind`` (at least one), ``planes`` distinct planes of each (the
         same planes in both members). Returns ``(x, sev)``: for twins ``x`` = [corrupt A, corrupt B, clean A,
         clean B] and for ranking pairs [corrupt lo, corrupt hi], each ``[n_pairs * planes, 1, S, S]``
-        (pair-major), and the members' severities ``sev`` ``[n_pairs, 2]``; ``None`` when the pool holds no
-        such pair."""
+        (pair-major), the members' severities ``sev`` ``[n_pairs, 2]`` and per-head targets ``[n_pairs, 2, 5]``;
+        ``None`` when the pool holds no such pair."""
         cand = [p for p in self.pairs if p[0] == kind]
         if not cand:
             return None
         n_pairs = max(1, int(n_planes) // max(1, int(planes)))
         idx = torch.randint(0, len(cand), (n_pairs,), generator=gen).tolist()
         parts: list[list[torch.Tensor]] = [[], [], [], []] if kind == "twin" else [[], []]
-        sev = []
+        sev, tgt = [], []
         for i in idx:
             _, ea, eb = cand[i]
             n = len(ea["axis"])
@@ -307,8 +307,9 @@ class _PairPool(_Pool):
             for lst, src in zip(parts, srcs):
                 lst.append(src[js])
             sev.append((ea["severity"], eb["severity"]))
+            tgt.append(torch.stack([ea["targets"], eb["targets"]]))
         x = [torch.cat(lst).float() for lst in parts]
-        return x, torch.tensor(sev, dtype=torch.float32)
+        return x, torch.tensor(sev, dtype=torch.float32), torch.stack(tgt)
 
 
 def sample_pair_blocks(pool, batch_size: int, gen: torch.Generator, cfg) -> list[dict]:
@@ -324,14 +325,14 @@ def sample_pair_blocks(pool, batch_size: int, gen: torch.Generator, cfg) -> list
             continue
         got = pool.sample_pairs(kind, n_planes, int(cfg.pair_planes), gen)
         if got is not None:
-            blocks.append({"kind": kind, "x": got[0], "sev": got[1]})
+            blocks.append({"kind": kind, "x": got[0], "sev": got[1], "tgt": got[2]})
     return blocks
 
 
 def pair_losses(out: dict, offset: int, blocks: list[dict], cfg, planes: int) -> tuple[torch.Tensor, dict]:
     """The weighted paired losses of ``blocks`` whose outputs follow row ``offset`` of the batch output
     ``out`` (in the order of :func:`sample_pair_blocks`). Returns ``(weighted sum, {name: value})``."""
-    from .losses import consistency_loss, ranking_loss
+    from .losses import consistency_loss, head_ranking_loss, ranking_loss
 
     total = out["score"].new_zeros(())
     parts = {}
@@ -351,4 +352,10 @@ def pair_losses(out: dict, offset: int, blocks: list[dict], cfg, planes: int) ->
             val = ranking_loss(o[0]["score"], o[1]["score"], sev[:, 0], sev[:, 1], planes, float(cfg.rank_margin))
             total = total + float(cfg.rank) * val
             parts["rank"] = float(val.detach())
+            if cfg.rank_heads > 0:
+                tgt = blk["tgt"].to(out["score"].device)
+                val = head_ranking_loss(o[0]["severity_logits"], o[1]["severity_logits"], tgt[:, 0], tgt[:, 1],
+                                        planes, float(cfg.rank_margin))
+                total = total + float(cfg.rank_heads) * val
+                parts["rank_heads"] = float(val.detach())
     return total, parts
