@@ -10,7 +10,10 @@ Two kinds of pair (both off by default; :class:`~artifactqc.training.config.Trai
   class (:func:`render_tissues`: T1w-, T2w-, FLAIR-, PD-like orderings), and the *same* artifact (type,
   severity, simulator seed) is applied to both renderings. The two renderings of one plane must then get the
   same score and head outputs, corrupted and clean alike: what differs between them is only contrast, which
-  a site, a scanner or a sequence changes without changing the image's quality.
+  a site, a scanner or a sequence changes without changing the image's quality. The simulator's physical
+  parameters agree between the renderings up to its normalisation over the head mask (bias field std,
+  motion rms: < 0.5 % measured); with ``match_ssim`` each rendering is matched to the severity's SSIM
+  separately (the same severity label by that definition, the physical parameters may differ more).
 * **ranking pairs** (:func:`make_rank_entries`): one augmented clean volume, the same artifact type and
   simulator seed at two severities ``s_lo < s_hi`` (the simulator gives the same random draws at every
   severity). On the same planes the more corrupted one must score higher by a margin proportional to
