@@ -19,6 +19,11 @@ Two kinds of pair (both off by default; :class:`~artifactqc.training.config.Trai
   severity). On the same planes the more corrupted one must score higher by a margin proportional to
   ``s_hi - s_lo``: a per-volume offset (an anatomy or a site that scores high when clean) cancels.
 
+Known limits of the rendering (intensity classes, not a segmentation): a tissue whose intensity drifts
+across the volume (an uncorrected bias field: N4 first helps) can span two classes and then renders as
+patches of two intensities; a volume whose classes all overlap (a broad T2w histogram) merges into one class,
+and its renderings differ only in overall contrast and texture scale.
+
 Both members of a pair are ordinary pool entries as well (triplet, calibration and head terms, the volume
 head's fit); the pair only adds the paired loss. A pair counts as two entries of ``pool_refresh``, so the
 pool refresh makes about as many simulations as without pairs; the pair's extra cost is the rendering and
