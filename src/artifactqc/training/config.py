@@ -52,6 +52,11 @@ class TrainConfig:
     severity label is then that sample's measured loss of fidelity, not the type-mean calibration's
     expectation; 2-3 simulations per sample). ``encoder`` holds :class:`artifactqc.encoder.network.EncoderConfig`
     fields. ``threads`` sets torch's thread count (``None``: unchanged).
+
+    ``init`` (a model folder, or ``"builtin"`` for the model shipped with the package; ``None``: from scratch)
+    fine-tunes: the encoder starts from that model's weights, with its architecture (``encoder`` is then
+    ignored) and its slice geometry (``image_size``, ``pixel_mm``); the volume head is fitted anew. The init
+    model's folder, ``model_id`` and ``weights_sha256`` go into ``model.json`` (``training.init_model``).
     """
 
     val_fraction: float = 0.2
@@ -82,6 +87,7 @@ class TrainConfig:
     volume_head: bool = True
     match_ssim: bool = False
     encoder: dict | None = field(default_factory=dict)
+    init: str | None = None
 
     @classmethod
     def from_settings(cls, settings: dict) -> "TrainConfig":
@@ -98,7 +104,7 @@ class TrainConfig:
                 "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
                 "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
-                "weight_decay", "match_ssim", "max_minutes")
+                "weight_decay", "match_ssim", "max_minutes", "init")
         d = {k: getattr(self, k) for k in keys}
         d["val_severities"] = list(self.val_severities)
         return d
