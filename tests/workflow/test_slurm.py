@@ -377,9 +377,11 @@ def test_shipped_profile_names_gpu_rules_with_standard_resources():
 
 def test_profile_gpu_settings_reach_the_workflows_gpu_rules(tmp_path):
     """No cluster needed: the rule names in set-resources exist, and a dry-run of the demo DAG with the
-    shipped profile gives its GPU jobs gpu=1 on the GPU partition (a renamed rule would silently lose it)."""
+    shipped profile gives its GPU jobs gpu=1 on the GPU partition (a renamed rule would silently lose it). The
+    demo with its training stage (demo_train.yaml), so that train_encoder is in the DAG."""
     base = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-            "--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml")]
+            "--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml"),
+            str(REPO / "config" / "demo_train.yaml")]
     rules = set(_run([*base, "--list-rules"], timeout=300).stdout.split())
     assert set(shipped_profile()["set-resources"]) <= rules, sorted(rules)
     res = _run([*base, "--profile", str(PROFILE.parent), "-n"], timeout=300)
