@@ -108,6 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     p.add_argument("--model-id", default=None)
+    p.add_argument("--init", default=None,
+                   help="fine-tune: start from this model folder's weights, or builtin (the shipped model)")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("model-info", help="id, sha256, training summary and model card of a model folder or 'builtin'")
     p.add_argument("model", nargs="?", default="builtin",
@@ -158,7 +160,7 @@ def _cmd_train(args) -> int:
     from .training.loop import train_from_cli
 
     keys = ("epochs", "steps_per_epoch", "batch_size", "lr", "val_fraction", "patience", "image_size",
-            "max_minutes", "threads")
+            "max_minutes", "threads", "init")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     metrics = train_from_cli(args.paths, args.list_file, args.out, demo=args.demo, seed=args.seed,
                              device=args.device, model_id=args.model_id, **overrides)
