@@ -205,6 +205,13 @@ def cmd_install(args) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    old = BUILTIN_DIR / "model.json"
+    if old.is_file() and not args.force:
+        prev = json.loads(old.read_text())
+        if prev.get("model_id") == args.id and prev.get("weights_sha256") != info["weights_sha256"]:
+            print(f"{old}: the builtin model {args.id} has other weights (sha256 {prev.get('weights_sha256', '')[:12]}…); "
+                  "new weights need a new --id (flows and score rows are keyed by it), or --force", file=sys.stderr)
+            return 1
     BUILTIN_DIR.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / info.get("weights_file", "encoder.safetensors"), BUILTIN_DIR / "encoder.safetensors")
     out = {**info, "model_id": args.id, "weights_file": "encoder.safetensors",
@@ -240,7 +247,9 @@ def main(argv=None) -> int:
         p = sub.add_parser(name)
         if name == "install":
             p.add_argument("model", help="trained model folder (encoder.safetensors + model.json)")
-            p.add_argument("--id", default=DEFAULT_ID, help=f"the builtin model's id (default {DEFAULT_ID})")
+            p.add_argument("--id", default=DEFAULT_ID, help=f"the builtin model's id (default {DEFAULT_ID}); new "
+                           "weights need a new id")
+            p.add_argument("--force", action="store_true", help="replace the builtin model of the same id")
         H.add_data_arg(p)
         p.add_argument("--results", default=str(RESULTS), help="leave-site-out results.json")
         p.set_defaults(func=fn)
