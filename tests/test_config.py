@@ -27,6 +27,7 @@ def test_configs_validate():
     base = load("config/config.yaml")
     jsonschema.validate(base, schema)
     jsonschema.validate(merged(base, load("config/demo.yaml")), schema)
+    jsonschema.validate(merged(merged(base, load("config/demo.yaml")), load("config/demo_train.yaml")), schema)
 
 
 def test_demo_yaml_equals_package_default():

@@ -108,12 +108,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     p.add_argument("--model-id", default=None)
+    p.add_argument("--init", default=None,
+                   help="fine-tune: start from this model folder's weights, or builtin (the shipped model)")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("model-info", help="id, sha256, training summary and model card of a model folder or 'builtin'")
+    p.add_argument("model", nargs="?", default="builtin",
+                   help="model folder (encoder.safetensors + model.json), or builtin (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_model_info)
     p = sub.add_parser("score", parents=[prog], help="score volumes with a trained encoder (one row per input, never stops)")
     p.add_argument("paths", nargs="*", help="volumes to score")
     p.add_argument("--list", dest="list_file", default=None,
                    help="text file with one path per line, or a .tsv/.csv/.parquet table with a 'path' column")
-    p.add_argument("--model", required=True, help="model directory (encoder.safetensors + model.json)")
+    p.add_argument("--model", required=True,
+                   help="model directory (encoder.safetensors + model.json), or builtin (the shipped model)")
     p.add_argument("--out", required=True, help="output table (.parquet; .tsv/.csv by suffix)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -152,11 +160,29 @@ def _cmd_train(args) -> int:
     from .training.loop import train_from_cli
 
     keys = ("epochs", "steps_per_epoch", "batch_size", "lr", "val_fraction", "patience", "image_size",
-            "max_minutes", "threads")
+            "max_minutes", "threads", "init")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     metrics = train_from_cli(args.paths, args.list_file, args.out, demo=args.demo, seed=args.seed,
                              device=args.device, model_id=args.model_id, **overrides)
     print(f"model -> {args.out} (best epoch {metrics['best_epoch']}, val loss {metrics['best_val_loss']:.4f})")
+    return 0
+
+
+def _cmd_model_info(args) -> int:
+    from .config_check import ConfigError, check_model_folder
+    from .encoder.checkpoint import model_summary
+
+    try:
+        info = check_model_folder(args.model, "model")
+    except ConfigError as exc:
+        print(f"artifactqc model-info: {exc}", file=sys.stderr)
+        return 1
+    summary = model_summary(args.model, info)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>18}: {v}")
     return 0
 
 

@@ -5,7 +5,9 @@
   ignored silently (``model.pretrianed`` would quietly switch a run to training for an hour).
 * :func:`check_names`: free-form sections (``train.settings``) against the settings a function accepts.
 * :func:`check_flag_rule`: ``flags.rule`` names only τ values listed in ``flags.taus``.
-* :func:`check_pretrained`: a ``model.pretrained`` folder is a complete, intact artifactqc model.
+* :func:`check_pretrained`: a ``model.pretrained`` folder (or ``builtin``, the model shipped with the
+  package) is a complete, intact artifactqc model, and the run's model id agrees with it.
+* :func:`check_init`: a ``train.init`` folder (or ``builtin``) to fine-tune from is a complete, intact model.
 
 Each returns or raises messages naming the key path (or the file) and the problem; the workflow raises
 them before any job runs.
@@ -79,18 +81,28 @@ def check_flag_rule(rule: str, taus: Iterable[float]) -> list[str]:
             + _did_you_mean(str(rule), list(FLAG_RULES + SITE_FLAG_RULES) + examples)]
 
 
-def check_pretrained(folder: str | os.PathLike, model_id: str) -> dict:
-    """Check a ``model.pretrained`` folder before anything runs; returns its ``model.json``.
+#: ``model.id`` of config/config.yaml. With ``model.pretrained: builtin`` an id left at this default means
+#: "the builtin model's own id" (tests/test_builtin.py checks that config.yaml still says so).
+DEFAULT_MODEL_ID = "artifactqc-v1"
+
+
+def check_model_folder(folder: str | os.PathLike, where: str) -> dict:
+    """A model folder is complete and intact; returns its ``model.json``. ``builtin`` is the shipped model.
 
     The folder must exist and hold ``model.json`` and its safetensors weights file, ``model.json`` must
-    record ``weights_sha256`` and the file must hash to it, and its ``model_id`` must equal the config's
-    ``model.id`` (the id names the flows fitted on this encoder's latents and every score row).
-    Raises :class:`ConfigError` naming the path and the problem.
+    record ``weights_sha256`` and the file must hash to it. Raises :class:`ConfigError` naming ``where``
+    (the config key and value), the file and the problem.
     """
+    from .encoder.checkpoint import BUILTIN, ModelLoadError, builtin_model_dir
     from .io import sha256_file
 
+    where = f"{where} {str(folder)!r}"
+    if str(folder) == BUILTIN:
+        try:
+            folder = builtin_model_dir()
+        except ModelLoadError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
     p = Path(folder)
-    where = f"model.pretrained {str(folder)!r}"
     if not p.exists():
         raise ConfigError(f"{where}: no such folder")
     if not p.is_dir():
@@ -116,10 +128,42 @@ def check_pretrained(folder: str | os.PathLike, model_id: str) -> dict:
                           "artifactqc.io.sha256_file of the weights file)")
     got = sha256_file(weights)
     if got != want:
-        raise ConfigError(f"{weights}: sha256 {got[:12]}… does not match model.json's weights_sha256 "
+        raise ConfigError(f"{where}: {weights}: sha256 {got[:12]}… does not match model.json's weights_sha256 "
                           f"{str(want)[:12]}… (file changed or corrupt)")
-    if info.get("model_id") != model_id:
-        raise ConfigError(f"{meta_path}: model_id {info.get('model_id')!r} differs from the config's model.id "
-                          f"{model_id!r}; set model.id: {info.get('model_id')} (flows and score rows are keyed "
+    if not info.get("model_id"):
+        raise ConfigError(f"{meta_path}: no model_id")
+    return info
+
+
+def check_pretrained(folder: str | os.PathLike, model_id: str) -> dict:
+    """Check a ``model.pretrained`` folder before anything runs (:func:`check_model_folder`); returns its
+    ``model.json``.
+
+    The model's ``model_id`` must equal the config's ``model.id`` (the id names the flows fitted on this
+    encoder's latents and every score row). For ``builtin`` (the shipped model) ``model.id`` may also stay at
+    its default (:data:`DEFAULT_MODEL_ID`): the run then uses the builtin model's own id, which changes with
+    every new builtin model, so flows of an older builtin are never mixed with a newer one.
+    Raises :class:`ConfigError` naming the path and the problem.
+    """
+    from .encoder.checkpoint import BUILTIN
+
+    info = check_model_folder(folder, "model.pretrained")
+    own = info.get("model_id")
+    if str(folder) == BUILTIN:
+        if model_id not in (own, DEFAULT_MODEL_ID):
+            raise ConfigError(f"model.pretrained 'builtin': model.id {model_id!r} is not the builtin model's id "
+                              f"{own!r}; leave model.id at its default ({DEFAULT_MODEL_ID}) or set model.id: {own} "
+                              "(to score under another id, copy the model folder and give its path)")
+        return info
+    if own != model_id:
+        meta_path = Path(folder) / "model.json"
+        raise ConfigError(f"{meta_path}: model_id {own!r} differs from the config's model.id "
+                          f"{model_id!r}; set model.id: {own} (flows and score rows are keyed "
                           "by it)")
     return info
+
+
+def check_init(folder: str | os.PathLike) -> dict:
+    """Check a ``train.init`` folder (the model training starts from; ``builtin`` = the shipped model)
+    before anything runs (:func:`check_model_folder`); returns its ``model.json``."""
+    return check_model_folder(folder, "train.init")

@@ -79,7 +79,10 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-#: Default ``demo:`` spec: 4 sites, 22 volumes + 2 broken files (~100 MB); plain YAML-able types only.
+#: Default ``demo:`` spec: 4 sites, 29 volumes + 2 broken files (~130 MB); plain YAML-able types only. Sites B and C
+#: carry 9 injected artifacts (severities stratified over 0.3-1.0): 7 of them at severity >= 0.5 (label 'fail':
+#: noise, ghosting and bias twice, motion once, on both sites), 2 milder ones labelled 'pass'
+#: (tests/test_builtin.py checks this).
 DEFAULT_SPEC: dict = {
     "seed": 20261123,
     "session": "1",
@@ -94,7 +97,7 @@ DEFAULT_SPEC: dict = {
         "gamma": [0.85, 1.15],
     },
     "artifacts": ["motion", "ghosting", "noise", "bias"],
-    "severity_range": [0.25, 0.95],
+    "severity_range": [0.3, 1.0],
     "fail_threshold": 0.5,
     "sites": [
         {
@@ -117,7 +120,7 @@ DEFAULT_SPEC: dict = {
             "name": "siteB",
             "role": "target",
             "contrast": "T1w",
-            "n_subjects": 6,
+            "n_subjects": 10,
             "voxel_mm": [1.2, 1.2, 1.2],
             "orientation": "LPS",
             "fov_mm": [158.0, 192.0, 150.0],
@@ -126,14 +129,14 @@ DEFAULT_SPEC: dict = {
             "scale": 1000.0,
             "noise": 0.04,
             "slab_average": False,
-            "artifact_fraction": 0.3,
+            "artifact_fraction": 0.5,
             "broken": ["truncated", "zeros"],
         },
         {
             "name": "siteC",
             "role": "target",
             "contrast": "T2w",
-            "n_subjects": 5,
+            "n_subjects": 8,
             "voxel_mm": [1.0, 1.0, 1.5],
             "orientation": "PIR",
             "fov_mm": [168.0, 206.0, 178.0],
@@ -142,7 +145,7 @@ DEFAULT_SPEC: dict = {
             "scale": 200.0,
             "noise": 0.025,
             "slab_average": False,
-            "artifact_fraction": 0.3,
+            "artifact_fraction": 0.5,
             "broken": [],
         },
         {

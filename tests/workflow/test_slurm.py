@@ -377,9 +377,11 @@ def test_shipped_profile_names_gpu_rules_with_standard_resources():
 
 def test_profile_gpu_settings_reach_the_workflows_gpu_rules(tmp_path):
     """No cluster needed: the rule names in set-resources exist, and a dry-run of the demo DAG with the
-    shipped profile gives its GPU jobs gpu=1 on the GPU partition (a renamed rule would silently lose it)."""
+    shipped profile gives its GPU jobs gpu=1 on the GPU partition (a renamed rule would silently lose it). The
+    demo with its training stage (demo_train.yaml), so that train_encoder is in the DAG."""
     base = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-            "--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml")]
+            "--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml"),
+            str(REPO / "config" / "demo_train.yaml")]
     rules = set(_run([*base, "--list-rules"], timeout=300).stdout.split())
     assert set(shipped_profile()["set-resources"]) <= rules, sorted(rules)
     res = _run([*base, "--profile", str(PROFILE.parent), "-n"], timeout=300)
@@ -470,12 +472,14 @@ def test_workflow_through_sbatch_gpu_options_and_new_site_submits_only_its_jobs(
     reason="the whole demo workflow on the test cluster takes ~20 min on 2 cores: set AQ_SLURM_DEMO=1 to run it",
 )
 def test_whole_demo_workflow_through_sbatch(cluster, tmp_path):
-    """`make demo` under a profile derived from profiles/slurm (GPU rules mapped to the CPU partition):
+    """`make demo-train` under a profile derived from profiles/slurm (GPU rules mapped to the CPU partition):
     every job the dry-run plans is submitted with sbatch once and exits 0 in SLURM, and the run ends with
     the cohort table and the report files."""
     workdir = tmp_path / "demo"
     workdir.mkdir()
-    config = ["--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml")]
+    # with its training stage (demo_train.yaml: a fine-tune of the builtin model), so that every rule runs
+    config = ["--configfile", str(REPO / "config" / "config.yaml"), str(REPO / "config" / "demo.yaml"),
+              str(REPO / "config" / "demo_train.yaml")]
     dry = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "-n",
                           "--cores", "2", *config], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]

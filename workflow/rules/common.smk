@@ -21,7 +21,9 @@ from artifactqc import provenance as aq_prov
 
 def check_config():
     """Unknown keys (with "did you mean"), the schema, then the cross-checks the schema cannot express.
-    Returns the pretrained model's model.json (None when the workflow trains its encoder)."""
+    Returns the pretrained model's model.json (None when the workflow trains its encoder). With
+    model.pretrained: builtin and model.id left at its default, config model.id is set to the builtin
+    model's own id here (the run record, the flows folder and the report then name the model used)."""
     schema = yaml.safe_load(Path(workflow.source_path("../schemas/config.schema.yaml")).read_text())
     problems = aq_check.unknown_keys(config, schema)
     if problems:
@@ -33,18 +35,22 @@ def check_config():
     problems += aq_check.check_flag_rule(config["flags"]["rule"], config["flags"]["taus"])
     if problems:
         raise WorkflowError("config: " + "; ".join(problems))
-    if not config["model"]["pretrained"]:
-        return None
     try:
-        return aq_check.check_pretrained(config["model"]["pretrained"], config["model"]["id"])
+        if not config["model"]["pretrained"]:
+            if config["train"]["init"]:
+                aq_check.check_init(config["train"]["init"])
+            return None
+        info = aq_check.check_pretrained(config["model"]["pretrained"], config["model"]["id"])
     except aq_check.ConfigError as exc:
         raise WorkflowError(f"config: {exc}")
+    config["model"]["id"] = info["model_id"]
+    return info
 
 
 def train_settings_names(train_config_cls):
     """Trainer settings train.settings may hold: the TrainConfig fields that have no key of their own."""
     own = {"seed", "threads", "epochs", "steps_per_epoch", "batch_size", "lr", "patience", "pool_refresh",
-           "max_minutes", "volume_head"}
+           "max_minutes", "volume_head", "init"}
     return [f.name for f in dataclasses.fields(train_config_cls) if f.name not in own]
 
 
@@ -141,11 +147,19 @@ def shard_files(pattern):
 # --- models, flows and scoring -------------------------------------------------------------
 
 
+def model_folder_files(folder):
+    """encoder.safetensors and model.json of a model folder from config (``builtin``: the shipped model's)."""
+    from artifactqc.encoder.checkpoint import resolve_model_dir
+
+    folder = str(resolve_model_dir(folder))
+    return [os.path.join(folder, "encoder.safetensors"), os.path.join(folder, "model.json")]
+
+
 def model_files():
     """The encoder used for scoring: a pretrained folder from config, or the one the workflow trains."""
     pre = config["model"]["pretrained"]
     if pre:
-        return [os.path.join(pre, "encoder.safetensors"), os.path.join(pre, "model.json")]
+        return model_folder_files(pre)
     try:
         train = rules.train_encoder
     except WorkflowError:  # the training stage is not part of this workflow (yet)
@@ -259,10 +273,19 @@ def training_manifest():
 
 
 def train_overrides():
-    """Training settings from config that override the model's defaults (null = default)."""
+    """Training settings from config that override the model's defaults (null = default; train.init '' =
+    from scratch)."""
     keys = ("epochs", "steps_per_epoch", "batch_size", "lr", "patience", "pool_refresh", "max_minutes",
             "volume_head")
-    return {**config["train"]["settings"], **{k: config["train"][k] for k in keys if config["train"][k] is not None}}
+    out = {**config["train"]["settings"], **{k: config["train"][k] for k in keys if config["train"][k] is not None}}
+    if config["train"]["init"]:
+        out["init"] = config["train"]["init"]
+    return out
+
+
+def train_init_files():
+    """The files of the model training starts from (train.init), as inputs of train_encoder."""
+    return model_folder_files(config["train"]["init"]) if config["train"]["init"] else []
 
 
 # --- run provenance ----------------------------------------------------------------------------

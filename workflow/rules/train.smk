@@ -2,12 +2,14 @@
 # training_selection). The model is written to results/models/<model.id>/ and is never retrained
 # when the cohort grows (the manifest depends only on the frozen selection); a new model.id trains a new model.
 #
-# Settings: the `train:` section of config/config.yaml.
+# Settings: the `train:` section of config/config.yaml. With train.init (a model folder, or builtin) the
+# training starts from that model's weights (fine-tuning); its files are inputs of the job.
 
 
 rule train_encoder:
     input:
         manifest=training_manifest(),
+        init=train_init_files(),
     output:
         weights="results/models/{model_id}/encoder.safetensors",
         meta="results/models/{model_id}/model.json",

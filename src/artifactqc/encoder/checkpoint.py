@@ -1,5 +1,6 @@
 """Model directories: save and load ``encoder.safetensors`` + ``model.json`` (safetensors only: pickle
-checkpoints are refused), and BatchNorm folding for inference (:func:`optimize_for_inference`).
+checkpoints are refused), BatchNorm folding for inference (:func:`optimize_for_inference`), and the model
+shipped inside the package (:func:`builtin_model_dir`, the name ``builtin`` wherever a model folder is asked for).
 """
 
 from __future__ import annotations
@@ -64,6 +65,60 @@ class ModelLoadError(ValueError):
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle", ".tar")
 
 
+#: The name that stands for the shipped model wherever a model folder is asked for (``model.pretrained``,
+#: ``train.init``, ``artifactqc score --model``). A folder literally named ``builtin`` is ``./builtin``.
+BUILTIN = "builtin"
+
+#: Files of the shipped model (package data, ``src/artifactqc/models/builtin/``).
+BUILTIN_FILES = ("model.json", "encoder.safetensors", "MODEL_CARD.md")
+
+
+def builtin_model_dir() -> Path:
+    """The folder of the model shipped with the package (``model.json``, ``encoder.safetensors``,
+    ``MODEL_CARD.md``), wherever the package is installed (a checkout, a wheel, an editable install).
+
+    Raises :class:`ModelLoadError` naming the folder when the weights are not there (a build without them).
+    """
+    from importlib.resources import files
+
+    d = Path(str(files("artifactqc"))) / "models" / "builtin"
+    missing = [f for f in BUILTIN_FILES if not (d / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{d}: the builtin model is incomplete in this installation of artifactqc "
+                             f"(missing {missing}); reinstall the package, or give a model folder instead")
+    return d
+
+
+def resolve_model_dir(model_dir: str | os.PathLike) -> Path:
+    """``builtin`` -> :func:`builtin_model_dir`; anything else is taken as a path."""
+    return builtin_model_dir() if str(model_dir) == BUILTIN else Path(model_dir)
+
+
+def model_summary(model_dir: str | os.PathLike, info: dict) -> dict:
+    """What a user asks of a model folder (``artifactqc model-info``): id, folder, weights sha256, how it was
+    trained (volumes, budget, best epoch, what it started from) and its model card, from ``model.json`` ``info``."""
+    folder = resolve_model_dir(model_dir)
+    tr = info.get("training") or {}
+    hp = tr.get("hyperparameters") or {}
+    init = tr.get("init_model")
+    card = folder / "MODEL_CARD.md"
+    return {
+        "model_id": info.get("model_id"),
+        "folder": str(folder),
+        "weights_sha256": info.get("weights_sha256"),
+        "artifactqc_version": info.get("artifactqc_version"),
+        "trained_as": info.get("source_model_id", info.get("model_id")),
+        "training_volumes": len(tr.get("train_volumes") or []),
+        "validation_volumes": len(tr.get("val_volumes") or []),
+        "budget": f"{hp.get('epochs')} epochs x {hp.get('steps_per_epoch')} steps, batch {hp.get('batch_size')}, "
+                  f"pool refresh {hp.get('pool_refresh')}, seed {hp.get('seed')}",
+        "best_epoch": f"{tr.get('best_epoch')} of {tr.get('epochs_run')} ({tr.get('stop_reason')})",
+        "started_from": (f"{init.get('model_id')} (sha256 {init.get('weights_sha256')})" if init
+                         else "random initialisation"),
+        "model_card": str(card) if card.is_file() else None,
+    }
+
+
 def optimize_for_inference(model: ArtifactEncoder) -> ArtifactEncoder:
     """Eval mode, every BatchNorm of the conv stack folded into the conv before it, weights channels-last.
 
@@ -99,11 +154,12 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "auto"
     Refuses pickle checkpoints (``.pt``/``.pth``/``.ckpt``/...) with :class:`ModelLoadError`: only the
     safetensors format is loaded, because unpickling runs arbitrary code. The weights' SHA-256 must match
     ``model.json``. The returned module carries ``.model_info`` (model.json), ``.slice_cfg`` and ``.device``.
+    ``model_dir`` ``builtin`` loads the shipped model (:func:`builtin_model_dir`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    p = Path(model_dir)
+    p = resolve_model_dir(model_dir)
     if p.is_file():
         if p.suffix.lower() in _PICKLE_SUFFIXES:
             raise ModelLoadError(
@@ -132,9 +188,13 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "auto"
         state = load_file(str(weights))
     except (SafetensorError, Exception) as exc:
         raise ModelLoadError(f"{weights}: not a valid safetensors file ({type(exc).__name__}: {exc})") from exc
-    arch = EncoderConfig.from_dict(info.get("architecture", {}))
-    model = ArtifactEncoder(arch)
-    model.load_state_dict(state)
+    try:
+        arch = EncoderConfig.from_dict(info.get("architecture", {}))
+        model = ArtifactEncoder(arch)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{weights}: the weights do not fit the architecture recorded in {meta_path} "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     dev = resolve_device(device)
     (optimize_for_inference(model) if optimize else model.eval()).to(dev)
     model.model_info = info

@@ -63,6 +63,11 @@ class TrainConfig:
     two entries of ``pool_refresh``.
     Every batch then adds, per enabled kind, ``pair_batch`` × ``batch_size`` planes drawn as pairs of
     ``pair_planes`` planes each (the same planes in both members).
+
+    ``init`` (a model folder, or ``"builtin"`` for the model shipped with the package; ``None``: from scratch)
+    fine-tunes: the encoder starts from that model's weights, with its architecture (``encoder`` is then
+    ignored) and its slice geometry (``image_size``, ``pixel_mm``); the volume head is fitted anew. The init
+    model's folder, ``model_id`` and ``weights_sha256`` go into ``model.json`` (``training.init_model``).
     """
 
     val_fraction: float = 0.2
@@ -101,6 +106,7 @@ class TrainConfig:
     pair_batch: float = 0.25
     pair_planes: int = 4
     encoder: dict | None = field(default_factory=dict)
+    init: str | None = None
 
     def __post_init__(self):
         for name in ("render_pairs", "rank_pairs", "pair_batch"):
@@ -135,7 +141,7 @@ class TrainConfig:
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
                 "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
-                "rank_margin", "rank_heads", "pair_batch", "pair_planes")
+                "rank_margin", "rank_heads", "pair_batch", "pair_planes", "init")
         d = {k: getattr(self, k) for k in keys}
         d["val_severities"] = list(self.val_severities)
         return d

@@ -29,6 +29,7 @@ from ..io import sha256_file
 from ..progress import Progress, track
 from .augment import _apply_contrast, _contrast_augment
 from .config import TRAIN_ARTIFACTS, TrainConfig, demo_config
+from .finetune import load_init
 from .losses import encoder_loss
 from .pairs import _PairPool, pair_losses, sample_pair_blocks
 from .pool import _Pool, _simulate, _simulate_volume
@@ -82,13 +83,14 @@ def train_encoder(
     (tests). ``model_id`` (default: the folder name) and ``manifest`` (its sha256) go into ``model.json``.
     ``val_slices`` is accepted for backwards compatibility and ignored. Returns the metrics dict.
     """
-    run = _start(TrainConfig.from_settings(settings), device, out_dir)
+    cfg, init_state, init_record = load_init(TrainConfig.from_settings(settings))
+    run = _start(cfg, device, out_dir)
     train_set, val_set = _split(volumes, val_volumes, run)
     tr_vols, va_vols, skipped = _load_volumes(train_set, val_set, run)
     simulate_fn, simulator = _simulator(simulate_fn, run.cfg.match_ssim)
     val_items = _validation_set(va_vols, simulate_fn, run)
     pool = _initial_pool(tr_vols, simulate_fn, run)
-    model, ema, opt = _build_model(run)
+    model, ema, opt = _build_model(run, init_state)
     history, best, stop_reason = _train_epochs(model, ema, opt, pool, val_items, simulate_slices_fn, run)
     head_metrics = _fit_head(model, pool, val_items, run)
     metrics = {
@@ -108,7 +110,8 @@ def train_encoder(
         metrics["pairs"] = pool.summary()
         log.info("paired entries: %s", metrics["pairs"])
     training = {"train_volumes": [v.path for v in tr_vols], "val_volumes": [v.path for v in va_vols],
-                "skipped_volumes": skipped, "simulator": simulator, "epochs": history, **metrics}
+                "skipped_volumes": skipped, "simulator": simulator, "init_model": init_record, "epochs": history,
+                **metrics}
     _save(model, run, model_id, manifest, training)
     return metrics
 
@@ -218,12 +221,16 @@ def _initial_pool(tr_vols, simulate_fn, run: _Run) -> _Pool:
     return pool
 
 
-def _build_model(run: _Run):
-    """The encoder (without volume head: it is fitted afterwards on frozen features), the exponential moving
-    average of its weights (validated, kept and saved instead of the raw weights) and the optimizer."""
+def _build_model(run: _Run, init_state: dict | None = None):
+    """The encoder (without volume head: it is fitted afterwards on frozen features; from ``init_state``, the
+    weights of the ``init`` model, when fine-tuning), the exponential moving average of its weights
+    (validated, kept and saved instead of the raw weights) and the optimizer."""
     cfg = run.cfg
     enc_cfg = dataclasses.replace(EncoderConfig.from_dict(cfg.encoder or {}), volume_head=False)
-    model = ArtifactEncoder(enc_cfg).to(run.dev)
+    model = ArtifactEncoder(enc_cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(run.dev)
     ema = None
     if cfg.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
