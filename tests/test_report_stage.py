@@ -142,3 +142,21 @@ def test_label_evaluation_includes_iqms_with_their_direction():
     assert rows.loc["mriqc_cjv", "direction"] == "high=fail"
     md = stage.label_markdown(table)
     assert "| cnr | score | 39 |" in md and "low=fail" in md
+
+
+def test_evaluate_labels_includes_the_site_aware_and_learned_scores():
+    """The label table evaluates score_site and score_learned beside score when the table has them (a demo whose
+    raw scores carry a site offset is judged by its site-aware score too), and leaves out an all-NaN column."""
+    rng = np.random.default_rng(1)
+    n = 30
+    fail = rng.random(n) < 0.4
+    site_offset = np.where(np.arange(n) % 2 == 0, 0.0, 1.0)
+    score_site = np.where(fail, 2.0, 0.0) + rng.normal(0, 0.3, n)
+    s = pd.DataFrame({"volume_id": [f"v{i}" for i in range(n)], "status": "ok", "label": np.where(fail, "fail", "pass"),
+                      "score": score_site * 0.1 + site_offset, "score_site": score_site, "score_learned": site_offset,
+                      "p_fail_cv": np.nan, "flagged": site_offset > 0.5})
+    table, curves = stage.evaluate_labels(s, ["fail"], ["pass"], taus=(5,), n_boot=30)
+    t = table.set_index("metric")
+    assert {"score_site", "score_learned"} <= set(t.index) and "p_fail_cv" not in t.index
+    assert t.loc["score_site", "auroc"] == pytest.approx(np.mean([a > b for a in score_site[fail] for b in score_site[~fail]]))
+    assert {"score_site", "score_learned"} <= set(curves)

@@ -252,7 +252,8 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
                     taus: Sequence[float] = (5, 3), threshold: float = 1.0, n_boot: int = 1000,
                     seed: int = 0, iqm_tables: Iterable[pd.DataFrame] = ()) -> tuple[pd.DataFrame, dict]:
     """Metrics against the manual labels: one row per flag (sensitivity, specificity, balanced accuracy,
-    AUROC of the 0/1 flag), one for the continuous ``score`` and one per IQM of ``iqm_tables``
+    AUROC of the 0/1 flag), one for the continuous ``score`` (and ``score_site``, ``score_learned``, ``p_fail_cv``
+    when present) and one per IQM of ``iqm_tables``
     (:func:`join_iqms`; AUROC, and ``auroc_oriented`` = max(AUROC, 1 − AUROC) with its direction, since
     some IQMs fall and others rise with damage), with stratified bootstrap 95 % CIs
     (:func:`artifactqc.qc.evaluate.evaluate_flags`). Also returns the ROC curves of the flags and the score for
@@ -261,13 +262,15 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
 
     scores, iqm_cols = join_iqms(scores, iqm_tables)
     df, flags = label_frame(scores, fail_values, pass_values, taus, threshold)
-    calibrated = ["p_fail_cv"] if "p_fail_cv" in df else []
-    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score", *calibrated, *iqm_cols], n_boot=n_boot,
+    # the site-aware score, the encoder's own score and the calibrated probability beside the reported score,
+    # when the table has them
+    extra = [c for c in ("score_site", "score_learned", "p_fail_cv") if c in df and df[c].notna().any()]
+    table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score", *extra, *iqm_cols], n_boot=n_boot,
                            seed=seed)
     table.insert(2, "n_pass", table["n"] - table["n_fail"])
     curves = {}
     dfn = df.assign(**{c: df[c].astype(float) for c in flags})
-    roc = roc_curves(dfn, "fail", ["score", *calibrated] + flags)
+    roc = roc_curves(dfn, "fail", ["score", *extra] + flags)
     for _, r in table.iterrows():
         pts = roc[roc["metric"] == r["metric"]]
         if len(pts):
