@@ -45,11 +45,17 @@ KNOWN_FAILURE_MODES = """\
   `score_site`, not the raw score against the default threshold.
 - **Smooth intensity non-uniformity (bias)** is graded weakly, worst on 2D scans (Spearman 0.32 on the
   held-out clinical 2D site in the proxy benchmark).
-- **Intensity clipping / saturation** was never simulated in training: it can *lower* the score (AUROC 0.00–0.10
-  in the proxy benchmark's unseen kinds).
+- **Intensity clipping / saturation** was never simulated in training: the encoder's own score
+  (`score_learned`) can *drop* on a clipped volume. The reported `score` is raised by the measured clipping
+  check (`severity_clipping`, calibrated in `benchmarks/saturation/`), so clipped volumes are flagged; the
+  encoder itself still does not see clipping.
 - **Per-volume offsets on anatomy from unseen sites**: clean volumes of a new site can sit well above the clean
-  volumes the model trained on; the per-site score (`score_site`) and the density flow fitted on the cohort
-  correct for a site's offset, the raw score does not.
+  volumes the model trained on (the demo's synthetic sites: clean scores 0.76–1.54, so the raw `score > 1` flags
+  most clean volumes there); the per-site score (`score_site`), the density flow fitted on the cohort and the
+  few-label calibration correct for a site's offset, the raw score does not.
+- **Fine-tuning on super-resolved thick-slice scans** (the workflow's training path for 2D sites) measured
+  worse than training on 3D volumes as stored (leave-site-out screening, `benchmarks/crosssite/README.md`):
+  the model learns that through-plane blur is clean.
 - **Resampling** (e.g. to 1.5 mm) moves the score by a fraction of the clean range; re-saving, int16 rescaling
   and reorientation do not.
 - Never seen at all: diffusion/functional EPI, contrast-enhanced scans, neonatal and paediatric heads, non-head
@@ -115,8 +121,10 @@ def _figures(results: Path) -> list[str]:
     budget = r.get("budget", "?")
     out = [f"From `{rel}` (budget `{budget}`: {r.get('budget_settings', {})}; recipe {r.get('recipe', {})}). "
            "Each fold trains an encoder with this recipe on the other sites and evaluates on the held-out sites "
-           "(`benchmarks/crosssite/README.md`); the builtin model itself is trained on all of them, so these are the "
-           "figures to expect on a site it has never seen. The sd is the fold-to-fold spread.", "",
+           "(`benchmarks/crosssite/README.md`); the builtin model itself is trained on all of them (with the training "
+           "budget above, which may be longer than the folds'), so these are the figures to expect on a site it has "
+           "never seen. The sd is the fold-to-fold spread; the seed sd (run-to-run noise of one fold, measured at the "
+           "`screen` budget, `benchmarks/crosssite/results_screen.md`) says which differences are real.", "",
            "| measure | target | " + " | ".join(folds) + " | mean ± sd |", "|---|---|" + "---|" * len(folds) + "---|"]
     for k, ms in r.get("mean_sd", {}).items():
         cells = [_num(r.get("per_fold", {}).get(f, {}).get(k)) for f in folds]
