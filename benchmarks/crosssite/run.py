@@ -106,6 +106,8 @@ BUDGETS = {
     "screen": {"epochs": 12, "steps_per_epoch": 50, "pool_refresh": 10, "max_minutes": 60.0, "eval_volumes": 3},
     "full": {"epochs": 24, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0, "eval_volumes": 6},
 }
+#: the shipped model's budget (``builtin`` step: every usable volume trains, no fold held out)
+BUILTIN_BUDGET = {"epochs": 48, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0}
 #: budgets evaluated on the two proxy folds only (screening); ``full`` runs every fold
 TWO_FOLD_BUDGETS = ("proxy", "screen")
 V9_RECIPE = {"batch_size": 32, "lr": 2e-3, "pool_size": 300, "train_slices_per_axis": 12,
@@ -153,8 +155,9 @@ def fold_split(data: Path, fold: str) -> dict:
 # ---------------------------------------------------------------- training data: raw or N4 (+ SR)
 #: training data variants: ``raw3d`` = the 3D volumes as stored (the v9 recipe; thick-slice scans never train);
 #: ``n4sr`` = the workflow's own training path: every training-site volume N4-corrected, thick-slice scans then
-#: super-resolved (config/config.yaml ``preprocess`` defaults), so the 2D clinical scans train too
-DATA_VARIANTS = ("raw3d", "n4sr")
+#: super-resolved (config/config.yaml ``preprocess`` defaults), so the 2D clinical scans train too; ``sr`` = the
+#: 3D volumes as stored plus the thick-slice scans super-resolved without N4 (intensities as acquired)
+DATA_VARIANTS = ("raw3d", "n4sr", "sr")
 PREP = CACHE / "prep"
 
 
@@ -171,14 +174,16 @@ def prep_settings() -> tuple[dict, dict, float]:
     return n4, sr, float(cfg["superres"]["ratio"])
 
 
-def prepped(rel: str) -> Path:
-    """The N4 (+ super-resolution) copy of a volume in the prep cache."""
-    return PREP / (rel.replace("/", "__").removesuffix(".gz").removesuffix(".nii") + ".nii.gz")
+def prepped(rel: str, with_n4: bool = True) -> Path:
+    """The N4 (+ super-resolution) copy of a volume in the prep cache (``with_n4=False``: super-resolution only)."""
+    stem = rel.replace("/", "__").removesuffix(".gz").removesuffix(".nii")
+    return PREP / (stem + ("" if with_n4 else "_sr") + ".nii.gz")
 
 
-def prep_volumes(data: Path, files: list[str]) -> list[Path]:
-    """N4 (+ super-resolution for thick slices) of each file into the prep cache (once; atomic), as the
-    workflow's n4 and superres rules do; returns the prepared paths."""
+def prep_volumes(data: Path, files: list[str], with_n4: bool = True) -> list[Path]:
+    """N4 (unless ``with_n4`` is false) and super-resolution (thick slices only) of each file into the prep
+    cache (once; a file under its final name is complete), as the workflow's n4 and superres rules do; returns
+    the prepared paths."""
     from artifactqc.preprocess.n4 import n4_file
     from artifactqc.preprocess.superres import superres_file
 
@@ -186,16 +191,17 @@ def prep_volumes(data: Path, files: list[str]) -> list[Path]:
     PREP.mkdir(parents=True, exist_ok=True)
     out = []
     for rel in files:
-        dst = prepped(rel)
+        dst = prepped(rel, with_n4)
         if not dst.is_file():
             t0 = time.perf_counter()
             mid, tmp = (dst.with_name(f".{x}-{dst.name}") for x in ("n4", "tmp"))  # NIfTI names for nibabel
-            n4_file(data / rel, mid, **n4)
-            info = superres_file(mid, tmp, ratio=ratio, **sr)
-            tmp.replace(dst)  # a prepared file under its final name is complete
-            mid.unlink()
-            log.info("prepared %s (%s, %.0f s)", rel, "N4 + super-resolution" if info.get("superresolved")
-                     else "N4", time.perf_counter() - t0)
+            if with_n4:
+                n4_file(data / rel, mid, **n4)
+            info = superres_file(mid if with_n4 else data / rel, tmp, ratio=ratio, **sr)
+            tmp.replace(dst)
+            mid.unlink(missing_ok=True)
+            log.info("prepared %s (%s, %.0f s)", rel, ("N4 + " if with_n4 else "") + "super-resolution"
+                     if info.get("superresolved") else "N4", time.perf_counter() - t0)
         out.append(dst)
     return out
 
@@ -204,6 +210,9 @@ def training_files(data: Path, split: dict, variant: str) -> tuple[list[str], li
     """Training and validation paths of a fold for a data variant."""
     if variant == "raw3d":
         return [str(data / f) for f in split["train"]], [str(data / f) for f in split["val"]]
+    if variant == "sr":
+        thick = [str(p) for p in prep_volumes(data, split["excluded_thick_from_training"], with_n4=False)]
+        return [str(data / f) for f in split["train"]] + thick, [str(data / f) for f in split["val"]]
     train = split["train"] + split["excluded_thick_from_training"]
     return ([str(p) for p in prep_volumes(data, train)], [str(p) for p in prep_volumes(data, split["val"])])
 
@@ -439,6 +448,34 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
     return res
 
 
+def cmd_builtin(args, data: Path) -> dict:
+    """Train the shipped model on every usable volume (no site held out; the validation volumes of the
+    folds where IXI trains choose the epoch) with a variant's recipe, into ``args.out``. The model's training
+    record names its volumes relative to the development data (with the preparation), not by machine paths."""
+    from artifactqc.training.loop import train_encoder
+
+    inv = inventory(data)
+    split = {"train": inv[~inv.thick & ~inv.file.isin(V9_VALIDATION)].file.tolist(), "val": V9_VALIDATION,
+             "excluded_thick_from_training": inv[inv.thick].file.tolist()}
+    train, val = training_files(data, split, args.training_data)
+    kw = dict(V9_RECIPE, patience=10**6, **BUILTIN_BUDGET) | (json.loads(args.train) if args.train else {})
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    train_encoder(train, out, val_volumes=val, seed=args.seed, device="cpu", threads=args.threads,
+                  model_id=args.model_id, **kw)
+    n4 = " (N4)" if args.training_data == "n4sr" else ""
+    thick = [f + (" (N4 + super-resolution)" if n4 else " (super-resolution)") for f in split["excluded_thick_from_training"]]
+    mj = json.loads((out / "model.json").read_text())
+    mj["training"]["train_volumes"] = [f + n4 for f in split["train"]] + (thick if args.training_data != "raw3d" else [])
+    mj["training"]["val_volumes"] = [f + n4 for f in split["val"]]
+    mj["training"]["data_root"] = "the development data (../shared/data, MANIFEST.tsv): paths are relative to it"
+    mj["training"]["recipe"] = {"benchmark": "benchmarks/crosssite/run.py builtin", "tag": args.tag,
+                                "training_data": args.training_data, "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "model.json").write_text(json.dumps(mj, indent=2) + "\n")
+    log.info("builtin model %s -> %s (%.1f min)", args.model_id, out, (time.perf_counter() - t0) / 60)
+    return mj
+
+
 # -------------------------------------------------------------------------------------------- table
 def headline(m: dict) -> dict:
     """The per-fold numbers of the summary table (flat)."""
@@ -581,7 +618,7 @@ def write_md(path: Path, res: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds"])
+    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds", "builtin"])
     ap.add_argument("fold", nargs="?", choices=list(FOLDS))
     H.add_data_arg(ap, default=None)
     ap.add_argument("--budget", choices=list(BUDGETS), default="full")
@@ -589,8 +626,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train", default=None, help="JSON of further train_encoder arguments (the idea under test)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--training-data", choices=DATA_VARIANTS, default="raw3d",
-                    help="training data: raw3d (3D volumes as stored, v9) or n4sr (all, through N4 + super-resolution)")
+                    help="training data: raw3d (3D volumes as stored, v9), n4sr (all, through N4 + super-resolution) "
+                    "or sr (3D as stored + thick-slice scans super-resolved)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="builtin: the model folder to write")
+    ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step == "table":
@@ -602,6 +642,11 @@ def main(argv=None) -> int:
             s = fold_split(data, f)
             print(f"{f}: held out {s['held_out_sites']} ({len(s['test'])} volumes, eval {len(s['eval'])}); "
                   f"train {len(s['train'])}, val {s['val']}")
+        return 0
+    if args.step == "builtin":
+        if not args.out:
+            sys.exit("run.py builtin --out FOLDER [--training-data n4sr --train JSON --tag NAME]")
+        cmd_builtin(args, data)
         return 0
     if args.step == "prep":  # N4 (+ super-resolution) of every usable volume, for --training-data n4sr
         prep_volumes(data, inventory(data).file.tolist())
