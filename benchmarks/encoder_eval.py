@@ -16,12 +16,13 @@ HEADS = ("noise", "ghosting", "motion", "bias", "resolution")  # score row colum
 
 
 def score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
-    """The scorer's row (score, severity_<head>, latents) for an in-memory volume."""
-    from artifactqc.encoder.score import predict_volume
+    """The scorer's row (score, score_learned, severity_<head>, severity_clipping, saturation, latents) for an
+    in-memory volume (``encoder.score.score_slices``, as the workflow scores a file)."""
+    from artifactqc.encoder.score import score_slices
     from artifactqc.encoder.slices import extract_from_array
 
     s, _ = extract_from_array(data, affine, model.slice_cfg)
-    return predict_volume(model, s)
+    return score_slices(model, s)
 
 
 def canon_norm(path):

@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
 PIPELINE = "artifactqc"
 
-#: Cohort-table columns that go into the sidecars and group tables as metrics: the score, the per-artifact
-#: severities, log-density and percentiles, the tau flags and ``flagged``, and site-relative or calibrated
-#: variants of them (``score_*``, ``density_pct_*``, ``flagged_*``, ``p_fail*``) when the cohort has them.
-METRIC_PATTERN = re.compile(r"^(score(_\w+)?|severity_\w+|log_density|density_pct(_\w+)?|flag_\w+|flagged(_\w+)?"
-                            r"|p_fail(_\w+)?)$")
+#: Cohort-table columns that go into the sidecars and group tables as metrics: the score (and the encoder's own
+#: ``score_learned``), the per-artifact severities (the learned heads and the measured ``severity_clipping``),
+#: the clipping check's ``saturation``, log-density and percentiles, the tau flags and ``flagged``, and
+#: site-relative or calibrated variants of them (``score_*``, ``density_pct_*``, ``flagged_*``, ``p_fail*``)
+#: when the cohort has them (tables of older runs simply lack the newer columns).
+METRIC_PATTERN = re.compile(r"^(score(_\w+)?|severity_\w+|saturation|log_density|density_pct(_\w+)?|flag_\w+"
+                            r"|flagged(_\w+)?|p_fail(_\w+)?)$")
 #: Row provenance copied into each sidecar's ``provenance`` block.
 PROVENANCE_COLUMNS = ("input_sha256", "model_id", "model_sha256", "flow_id", "flow_sha256", "config_sha256",
                       "artifactqc_version", "code_version")
@@ -208,7 +210,9 @@ numbers plus the latents). Layout as MRIQC's derivatives:
 - `volumes/<site>/<volume_id>.json`: the same for images of a cohort sheet that have no BIDS name.
 
 BIDS has no file type for per-image QC metrics; these files are listed in `.bidsignore`, as MRIQC's would be.
-`score` >= 1 means "review"; severities are 0 (clean) to 1 (the worst simulated artifact). The meaning of each
+`score` >= 1 means "review"; severities are 0 (clean) to 1 (the worst simulated artifact). `score` is the larger
+of the encoder's own score (`score_learned`) and 2 × `severity_clipping`, a measured (not learned) check for
+clipped/saturated intensities (`saturation`: fraction of head pixels on the upper plateau). The meaning of each
 column: `artifactqc.provenance.column_descriptions("results/scores/cohort.parquet")`.
 """
 

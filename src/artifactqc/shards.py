@@ -33,12 +33,18 @@ COLUMN_DOCS = {
     **{k: INGEST_DOCS[k] for k in ID_COLUMNS},
     "status": "'ok' when the volume was scored, 'failed' otherwise",
     "error": "why a volume was not scored ('<stage>: <error_type>: <message>'); '' when ok",
-    "score": "artifact severity score ≥ 0 (volume aggregate); 1 is the review threshold",
+    "score": "artifact severity score ≥ 0 (volume aggregate); 1 is the review threshold: "
+             "max(score_learned, 2 × severity_clipping)",
+    "score_learned": "the encoder's own score (before the clipping check); equals score unless severity_clipping set it",
     "severity_noise": "predicted noise severity in [0,1]",
     "severity_ghosting": "predicted ghosting severity in [0,1]",
     "severity_motion": "predicted motion severity in [0,1]",
     "severity_bias": "predicted bias-field severity in [0,1]",
     "severity_resolution": "predicted resolution-loss (thick slices, blur) severity in [0,1]",
+    "severity_clipping": "measured (not learned) intensity-clipping/saturation severity in [0,1] from saturation "
+                         "(artifactqc.encoder.saturation; benchmarks/saturation)",
+    "saturation": "fraction of head pixels of the scorer's slices on the upper intensity plateau (|x - 1| < 0.001 "
+                  "after the scorer's 0.5/99.5 percentile scaling): the clipping check's measure",
     "n_slices": "number of 2D slices the volume score aggregates",
     "seconds": "wall-clock seconds spent scoring the volume",
     "log_density": "log-density of the volume's latent under the flow (latent space units)",

@@ -19,8 +19,8 @@ from .test_ingest_workflow import REPO, make_volume, planned_jobs, run_snakemake
 pytestmark = pytest.mark.slow
 
 SCORE_COLUMNS = [
-    "score", "severity_noise", "severity_ghosting", "severity_motion", "severity_bias", "severity_resolution",
-    "latent_0", "latent_1", "log_density", "density_pct", "flag_tau5", "flag_tau3", "flagged",
+    "score", "score_learned", "severity_noise", "severity_ghosting", "severity_motion", "severity_bias",
+    "severity_resolution", "severity_clipping", "saturation", "latent_0", "latent_1", "log_density", "density_pct", "flag_tau5", "flag_tau3", "flagged",
 ]
 
 

@@ -13,6 +13,12 @@ and per-slice outputs are aggregated to the volume:
   of the field of view) while artifacts that affect one or two orientations only (thick slices blur two of
   the three orientations; ghosts run along one phase-encode axis) still raise the mean.
 
+The same slices also go through the intensity-clipping check (:mod:`artifactqc.encoder.saturation`, a few
+numpy operations): ``saturation`` (fraction of head pixels on the upper plateau) and ``severity_clipping``
+(measured, not learned). The row's ``score`` is max(``score_learned``, ``SCORE_SCALE`` × ``severity_clipping``);
+``score_learned`` keeps the encoder's own score so a reader sees which of the two set it. The latent (and so
+the density flow) is the encoder's only.
+
 A file that cannot be read or scored gives ``status="failed"``, ``error="<error_type>: <message>"`` and NaN
 outputs; it never stops the batch.
 """
@@ -32,11 +38,15 @@ from .. import io
 from ..progress import track
 from .checkpoint import load_model
 from .network import HEADS, resolve_device
+from .saturation import combined_score, saturation_columns
 from .slices import extract_slices
 
 log = logging.getLogger(__name__)
 
 TRIM = 0.1
+
+#: columns of the measured (not learned) checks on the slices, after the learned severities
+CHECK_COLUMNS = ("severity_clipping", "saturation")
 
 
 def trimmed_mean(x: np.ndarray, trim: float = TRIM, axis: int = 0) -> np.ndarray:
@@ -49,8 +59,9 @@ def trimmed_mean(x: np.ndarray, trim: float = TRIM, axis: int = 0) -> np.ndarray
 def score_columns(latent_dim: int) -> list[str]:
     """Column order of the score table."""
     return (
-        ["path", "status", "error", "score"]
+        ["path", "status", "error", "score", "score_learned"]
         + [f"severity_{h}" for h in HEADS]
+        + list(CHECK_COLUMNS)
         + [f"latent_{i}" for i in range(latent_dim)]
         + ["n_slices", "seconds"]
     )
@@ -117,6 +128,19 @@ def predict_volume(model: torch.nn.Module, slices: np.ndarray, batch_size: int =
     return volume_outputs(model, predict_slices(model, slices, batch_size, device))
 
 
+def score_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None) -> dict:
+    """A volume's row values from its slices (as :func:`artifactqc.encoder.slices.extract_from_array` returns
+    them, float32 ``[N, S, S]``): the encoder's outputs (:func:`predict_volume`) with its score kept as
+    ``score_learned``, the clipping check (``saturation``, ``severity_clipping``,
+    :mod:`artifactqc.encoder.saturation`) and ``score`` = max(score_learned, SCORE_SCALE × severity_clipping).
+    Every scoring path (cohort rows, image rulers, the simulated-artifact comparison) goes through here."""
+    out = predict_volume(model, slices, batch_size, device)
+    out.update(saturation_columns(slices))
+    out["score_learned"] = out["score"]
+    out["score"] = combined_score(out["score_learned"], out["severity_clipping"])
+    return out
+
+
 def _error_text(exc: BaseException) -> str:
     if isinstance(exc, io.VolumeError):
         return f"{exc.error_type}: {exc.message}"
@@ -130,13 +154,16 @@ def score_volume(model: torch.nn.Module, path: str | os.PathLike, batch_size: in
     row: dict = {"path": str(path), "status": "ok", "error": None}
     try:
         sl, info = extract_slices(path, model.slice_cfg)
-        row.update(predict_volume(model, sl, batch_size))
+        row.update(score_slices(model, sl, batch_size))
         row["n_slices"] = int(info["n_slices"])
     except Exception as exc:  # one bad file must never stop the batch
         log.warning("scoring failed for %s: %s", path, _error_text(exc))
-        row.update({"status": "failed", "error": _error_text(exc), "score": np.nan, "n_slices": 0})
+        row.update({"status": "failed", "error": _error_text(exc), "score": np.nan, "score_learned": np.nan,
+                    "n_slices": 0})
         for h in HEADS:
             row[f"severity_{h}"] = np.nan
+        for c in CHECK_COLUMNS:
+            row[c] = np.nan
         for j in range(k):
             row[f"latent_{j}"] = np.nan
     row["seconds"] = time.perf_counter() - t0
@@ -153,7 +180,8 @@ def score_volumes(
     """Score many volumes with one model (a loaded encoder, or a model directory loaded once here).
 
     Returns a DataFrame with one row per input path, columns :func:`score_columns` (``path, status, error,
-    score, severity_<head> ×5, latent_0..k-1, n_slices, seconds``).
+    score, score_learned, severity_<head> ×5, severity_clipping, saturation, latent_0..k-1, n_slices,
+    seconds``).
     """
     if threads:
         torch.set_num_threads(int(threads))

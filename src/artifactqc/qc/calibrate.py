@@ -274,7 +274,10 @@ def cross_validate(df: pd.DataFrame, features: Sequence[str], *, label_col: str 
 
 
 # ------------------------------------------------------------------------------------------ workflow
-SEVERITIES = ("severity_noise", "severity_ghosting", "severity_motion", "severity_bias", "severity_resolution")
+#: severity columns used as calibration features (``severity_clipping``, the measured clipping check, only when
+#: the table has it and it varies: see :func:`workflow_features`)
+SEVERITIES = ("severity_noise", "severity_ghosting", "severity_motion", "severity_bias", "severity_resolution",
+              "severity_clipping")
 
 #: Column descriptions of the calibrated cohort table's new columns.
 COLUMN_DOCS = {
@@ -294,7 +297,7 @@ COLUMN_DOCS = {
 
 def workflow_features(df: pd.DataFrame, iqm_cols: Sequence[str] = ()) -> tuple[pd.DataFrame, list[str], list[str]]:
     """The calibration features of a cohort table: ``score`` (pooled scaling), the site-relative score
-    (``score_site`` when the table has it, else ``score`` scaled per site), the five severities and
+    (``score_site`` when the table has it, else ``score`` scaled per site), the severities (:data:`SEVERITIES`) and
     ``density_pct`` (pooled scaling) and the IQMs (per-site scaling). Columns without two distinct finite
     values are left out. Returns ``(frame with the added columns, features, pooled-scaled features)``."""
     d = df.copy()

@@ -13,7 +13,7 @@ from the cohort itself, so it needs no extra data:
    pure scale, :func:`artifactqc.encoder.slices.scale_for_simulation`, as for the encoder's training pool, so the
    background and its noise floor stay for the IQMs that need them: EFC, FBER, SNRd, QI1) and measures the corrupted volume twice: the encoder's score and per-artifact
    severities through the same slice path as cohort scoring (:func:`artifactqc.encoder.slices.extract_from_array`,
-   :func:`artifactqc.encoder.score.aggregate`), and artifactqc's MRIQC-style IQMs
+   :func:`artifactqc.encoder.score.score_slices`: encoder + clipping check), and artifactqc's MRIQC-style IQMs
    (:func:`artifactqc.qc.iqm.compute_iqms`). Severity 0 (the clean volume) is measured once and counted in
    every artifact type's rows, as the clean end of each ladder.
 3. :func:`comparison_table` is :func:`artifactqc.qc.evaluate.compare_with_severity` over the score and the IQMs
@@ -51,7 +51,11 @@ ROW_DOCS = {
     "artifact": "simulated artifact type (severity 0 rows are the clean volume, repeated for each type)",
     "severity": "simulated severity in [0, 1] (artifactqc.simulate calibration)",
     "seed": "random seed of the simulation (same for every severity of one ladder)",
-    "score": "encoder score of the corrupted volume (1 = review threshold)",
+    "score": "score of the corrupted volume as a cohort row would get it (1 = review threshold): "
+             "max(score_learned, 2 x severity_clipping)",
+    "score_learned": "the encoder's own score of the corrupted volume",
+    "severity_clipping": "measured intensity-clipping severity in [0,1] (artifactqc.encoder.saturation)",
+    "saturation": "fraction of head pixels on the upper intensity plateau (the clipping check's measure)",
     "iqm_status": "ok or failed (IQMs could not be computed; see iqm_error)",
     "params": "simulator parameters and random draws (JSON)",
     "seconds": "wall seconds for simulation + scoring + IQMs",
@@ -124,13 +128,13 @@ def reference_volumes(
 def _measure(model, data, affine, contrast, use_n4, seed) -> dict:
     """Encoder outputs and IQMs of one (possibly corrupted) volume."""
     from . import iqm
-    from ..encoder.score import predict_volume
+    from ..encoder.score import score_slices
     from ..encoder.slices import extract_from_array
 
     row: dict = {}
     t0 = time.perf_counter()
     sl, info = extract_from_array(data, affine, model.slice_cfg)
-    row.update(predict_volume(model, sl))
+    row.update(score_slices(model, sl))
     row["n_slices"] = int(info["n_slices"])
     row["score_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -7,7 +7,8 @@ the unpacked ``report.zip`` or from a mail attachment alike. What the reviewer s
 * an orthogonal **mosaic** of the scorer's own slices (:func:`render_mosaic`: the encoder's slice
   extraction, :func:`artifactqc.encoder.slices.extract_slices` with the model's ``SliceConfig``; rows sagittal,
   coronal, axial in canonical RAS orientation, superior/anterior up, patient's right on the right);
-* the **score** with the review threshold, the **five per-artifact severities** as bars, the score's
+* the **score** with the review threshold, the **per-artifact severities** as bars (the five learned heads
+  and the measured ``clipping`` check; a table from an older run without it shows it as n/a), the score's
   **percentile within its site**, the **density flags** (τ flags and ``density_pct``), the calibrated
   ``p_fail`` and flag when a calibration exists, and
 * the **image-ruler strip** of its top artifact (the report's ruler for that contrast and artifact,
@@ -43,7 +44,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SEVERITIES = ("noise", "ghosting", "motion", "bias", "resolution")
+SEVERITIES = ("noise", "ghosting", "motion", "bias", "resolution", "clipping")
 #: Severity name → the simulator's artifact name the image rulers use.
 RULER_ARTIFACT = {"noise": "noise", "ghosting": "ghosting", "motion": "motion", "bias": "bias",
                   "resolution": "anisotropy"}

@@ -91,14 +91,14 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
     is corrupted in 3D at its native resolution with :func:`artifactqc.simulate.simulate_volume` at each
     severity with the same seed (only the severity changes between rungs; the scale does not change the
     scorer's slices, so rung 0 is the file as scored), then goes through the scorer's
-    own path: :func:`artifactqc.encoder.slices.extract_from_array` with the model's slice geometry, the encoder and
-    :func:`artifactqc.encoder.score.aggregate` — so each rung's score is the score a cohort volume with that
+    own path: :func:`artifactqc.encoder.slices.extract_from_array` with the model's slice geometry and
+    :func:`artifactqc.encoder.score.score_slices` (encoder + clipping check) — so each rung's score is the score a cohort volume with that
     artifact would get. The image is the axial mid-slice, oriented for ``plot_image_ruler`` (which rotates
     by 90°).
     """
     from ..io import load_volume
     from ..encoder.slices import scale_for_simulation
-    from ..encoder.score import predict_volume
+    from ..encoder.score import score_slices
     from ..simulate import simulate_volume
     from ..encoder.slices import extract_from_array
 
@@ -110,7 +110,7 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
         corrupted, _ = simulate_volume(data, artifact, float(s), seed=int(seed), spacing=vol.zooms)
         sl, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
         mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
-        score = predict_volume(model, sl, batch_size)["score"]
+        score = score_slices(model, sl, batch_size)["score"]
         rungs.append((float(s), np.clip(np.rot90(sl[mid], -1), 0, 1), float(score)))
     return rungs
 

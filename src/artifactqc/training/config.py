@@ -52,6 +52,17 @@ class TrainConfig:
     severity label is then that sample's measured loss of fidelity, not the type-mean calibration's
     expectation; 2-3 simulations per sample). ``encoder`` holds :class:`artifactqc.encoder.network.EncoderConfig`
     fields. ``threads`` sets torch's thread count (``None``: unchanged).
+
+    Paired training (:mod:`artifactqc.training.pairs`; both off by default): ``render_pairs`` is the fraction
+    of new pool items made as *twins* (one anatomy re-rendered twice with random per-tissue intensities, the
+    same artifact on both; loss :func:`~artifactqc.training.losses.consistency_loss` with weight
+    ``consistency``), ``rank_pairs`` the fraction made as *ranking pairs* (one anatomy, one artifact type and
+    seed at two severities; :func:`~artifactqc.training.losses.ranking_loss` with weight ``rank`` and margin
+    ``rank_margin`` × the calibrated score difference; with ``rank_heads`` > 0 also the heads whose simulated
+    severity rises, :func:`~artifactqc.training.losses.head_ranking_loss`, with that weight). A pair counts as
+    two entries of ``pool_refresh``.
+    Every batch then adds, per enabled kind, ``pair_batch`` × ``batch_size`` planes drawn as pairs of
+    ``pair_planes`` planes each (the same planes in both members).
     """
 
     val_fraction: float = 0.2
@@ -81,7 +92,32 @@ class TrainConfig:
     ema_decay: float | None = 0.995
     volume_head: bool = True
     match_ssim: bool = False
+    render_pairs: float = 0.0
+    consistency: float = 1.0
+    rank_pairs: float = 0.0
+    rank: float = 1.0
+    rank_margin: float = 0.5
+    rank_heads: float = 0.0
+    pair_batch: float = 0.25
+    pair_planes: int = 4
     encoder: dict | None = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("render_pairs", "rank_pairs", "pair_batch"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.render_pairs + self.rank_pairs > 1.0:
+            raise ValueError(f"render_pairs + rank_pairs must be at most 1, got {self.render_pairs} + {self.rank_pairs}")
+        if int(self.pair_planes) < 1:
+            raise ValueError(f"pair_planes must be at least 1, got {self.pair_planes}")
+        for name in ("consistency", "rank", "rank_margin", "rank_heads"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the pool makes paired entries (``render_pairs`` or ``rank_pairs`` > 0)."""
+        return self.render_pairs > 0 or self.rank_pairs > 0
 
     @classmethod
     def from_settings(cls, settings: dict) -> "TrainConfig":
@@ -98,7 +134,8 @@ class TrainConfig:
                 "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
                 "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
-                "weight_decay", "match_ssim", "max_minutes")
+                "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
+                "rank_margin", "rank_heads", "pair_batch", "pair_planes")
         d = {k: getattr(self, k) for k in keys}
         d["val_severities"] = list(self.val_severities)
         return d

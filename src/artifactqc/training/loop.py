@@ -30,6 +30,7 @@ from ..progress import Progress, track
 from .augment import _apply_contrast, _contrast_augment
 from .config import TRAIN_ARTIFACTS, TrainConfig, demo_config
 from .losses import encoder_loss
+from .pairs import _PairPool, pair_losses, sample_pair_blocks
 from .pool import _Pool, _simulate, _simulate_volume
 from .validate import _val_items, evaluate_model
 from .volume_head import fit_volume_head
@@ -103,6 +104,9 @@ def train_encoder(
         "final": history[best["epoch"] - 1] if best["epoch"] > 0 else None,
         "volume_head": head_metrics,
     }
+    if isinstance(pool, _PairPool):
+        metrics["pairs"] = pool.summary()
+        log.info("paired entries: %s", metrics["pairs"])
     training = {"train_volumes": [v.path for v in tr_vols], "val_volumes": [v.path for v in va_vols],
                 "skipped_volumes": skipped, "simulator": simulator, "epochs": history, **metrics}
     _save(model, run, model_id, manifest, training)
@@ -200,7 +204,11 @@ def _initial_pool(tr_vols, simulate_fn, run: _Run) -> _Pool:
     (at most 35 % of the remaining time when ``max_minutes`` is set)."""
     cfg = run.cfg
     aug = {"contrast": cfg.contrast_augment, "mask": cfg.mask_augment, "resample": cfg.resample_augment}
-    pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug)
+    if cfg.pairs:
+        pool = _PairPool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug, cfg.render_pairs,
+                         cfg.rank_pairs)
+    else:
+        pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug)
     n_init = min(pool.capacity, max(2, int(cfg.pool_init_per_volume) * len(tr_vols)))
     t0 = time.perf_counter()
     init_budget = None if run.deadline is None or run.step_budget else 0.35 * (run.deadline - time.perf_counter())
@@ -275,11 +283,16 @@ def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, 
         if cfg.slice_sim_fraction > 0:
             batch = _slice_sim_negatives(batch, gen, cfg, sim2d)
         xa, xp, xn, xn2, sev, tgt = batch
+        blocks = sample_pair_blocks(pool, b, gen, cfg)  # [] unless render_pairs / rank_pairs
         cur_lr = schedule.apply()
         schedule.step += 1
-        out = model(torch.cat([xa, xp, xn, xn2]).to(dev))
+        out = model(torch.cat([xa, xp, xn, xn2, *(x for blk in blocks for x in blk["x"])]).to(dev))
         parts_out = [{k_: v[i * b:(i + 1) * b] for k_, v in out.items()} for i in range(4)]
         loss, parts = encoder_loss(*parts_out, sev.to(dev), tgt.to(dev), group=group)
+        if blocks:
+            extra, pair_parts = pair_losses(out, 4 * b, blocks, cfg, int(cfg.pair_planes))
+            loss = loss + extra
+            parts.update(pair_parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -314,6 +327,9 @@ def _log_epoch(rec: dict, pool: _Pool, epochs: int) -> None:
         rec["val_clean_score_mean"], rec["val_clean_score_sd"], rec["val_score_at_0.5"], sp, rec["train_seconds"],
         rec["sim_seconds"], rec["pool_added"], len(pool.entries), pool.made,
     )
+    if isinstance(pool, _PairPool):
+        log.info("  pairs: consistency %.4f rank %.4f | %s", rec.get("train_consistency", float("nan")),
+                 rec.get("train_rank", float("nan")), pool.summary())
 
 
 def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, run: _Run):

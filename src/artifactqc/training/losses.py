@@ -92,3 +92,39 @@ def encoder_loss(
     parts = {"triplet": triplet, "clean": clean, "calib": calib, "heads": heads, "latent": latent, "nce": nce}
     total = sum(w[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def consistency_loss(out_a: dict, out_b: dict) -> torch.Tensor:
+    """Paired outputs that must agree (the same plane of two renderings of one anatomy with the same artifact,
+    :func:`artifactqc.training.pairs.make_twin_entries`): mean squared difference of the scores plus that of
+    the five heads' probabilities. Zero exactly when both outputs are equal."""
+    score = (out_a["score"] - out_b["score"]).pow(2).mean()
+    heads = (torch.sigmoid(out_a["severity_logits"]) - torch.sigmoid(out_b["severity_logits"])).pow(2).mean()
+    return score + heads
+
+
+def ranking_loss(s_lo: torch.Tensor, s_hi: torch.Tensor, sev_lo: torch.Tensor, sev_hi: torch.Tensor, planes: int,
+                 margin: float = 0.5) -> torch.Tensor:
+    """Margin ranking within one anatomy (:func:`artifactqc.training.pairs.make_rank_entries`): the scores
+    ``s_lo``/``s_hi`` [P * planes] of the same planes at severities ``sev_lo < sev_hi`` [P] are averaged over
+    each pair's ``planes``, and ``relu(SCORE_SCALE * (sev_hi - sev_lo) * margin - (S_hi - S_lo))`` is averaged
+    over the pairs: zero once the more corrupted member scores higher by ``margin`` of the calibrated
+    difference, whatever both score (a per-volume offset cancels)."""
+    p = max(1, int(planes))
+    m_lo = s_lo.reshape(-1, p).mean(1)
+    m_hi = s_hi.reshape(-1, p).mean(1)
+    return F.relu(SCORE_SCALE * (sev_hi - sev_lo) * float(margin) - (m_hi - m_lo)).mean()
+
+
+def head_ranking_loss(logits_lo: torch.Tensor, logits_hi: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor,
+                      planes: int, margin: float = 0.5) -> torch.Tensor:
+    """The ranking of :func:`ranking_loss` for the five heads: for every head whose simulated severity rises
+    within a pair (``t_hi > t_lo``, [P, 5]), the pair's plane-mean probability must rise by ``margin`` times
+    that rise: ``relu(margin (t_hi - t_lo) - (p_hi - p_lo))``, averaged over those heads (zero when none)."""
+    p = max(1, int(planes))
+    n = t_lo.shape[0]
+    p_lo = torch.sigmoid(logits_lo).reshape(n, p, -1).mean(1)
+    p_hi = torch.sigmoid(logits_hi).reshape(n, p, -1).mean(1)
+    dt = t_hi - t_lo
+    rises = (dt > 0).float()
+    return (F.relu(float(margin) * dt - (p_hi - p_lo)) * rises).sum() / rises.sum().clamp(min=1.0)

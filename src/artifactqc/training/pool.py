@@ -56,9 +56,19 @@ def make_pool_entry(
     clean_s, _ = extract_from_array(data, aff, cfg)
     corr_s, _ = extract_from_array(corrupted, aff, cfg)
     axes = np.repeat(np.arange(3), cfg.slices_per_axis)
-    keep = _usable(clean_s)
-    if keep.sum() < 2 or len(np.unique(axes[keep])) < 2:
-        keep = np.ones(len(clean_s), dtype=bool)
+    keep = _keep_slices(_usable(clean_s), axes)
+    return _entry(clean_s, corr_s, axes, keep, severity, params, artifact, aug, v.path, dtype)
+
+
+def _keep_slices(usable: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """The slices an entry keeps: the usable ones, or all when fewer than 2 in two orientations are usable."""
+    if usable.sum() < 2 or len(np.unique(axes[usable])) < 2:
+        return np.ones(len(usable), dtype=bool)
+    return usable
+
+
+def _entry(clean_s, corr_s, axes, keep, severity, params, artifact, aug, path, dtype=torch.float16) -> dict:
+    """The pool item of :func:`make_pool_entry` from extracted clean and corrupted slices."""
     hs = params.get("head_severities", {})
     return {
         "clean": torch.from_numpy(clean_s[keep][:, None]).to(dtype),
@@ -68,7 +78,7 @@ def make_pool_entry(
         "targets": torch.tensor([float(hs.get(h, 0.0)) for h in HEADS], dtype=torch.float32),
         "artifact": artifact,
         "augment": aug,
-        "volume": v.path,
+        "volume": path,
     }
 
 
@@ -87,8 +97,8 @@ class _Pool:
         self._order: list[int] = []
         self._arts: list[str] = []
 
-    def add_one(self) -> None:
-        t0 = time.perf_counter()
+    def _next_draw(self):
+        """The next training volume, artifact type, severity and simulator seed of the round-robin."""
         if not self._order:
             self._order = list(self.rng.permutation(len(self.vols)))
         if not self._arts:
@@ -97,19 +107,29 @@ class _Pool:
         art = self._arts.pop()
         sev = float(self.rng.uniform(0.0, 1.0))
         seed = int(self.rng.integers(0, 2**31 - 1))
-        e = make_pool_entry(v, art, sev, seed, self.cfg, self.sim_fn, **self.aug)
-        self.entries.append(e)
-        if len(self.entries) > self.capacity:
+        return v, art, sev, seed
+
+    def _append(self, *entries: dict) -> None:
+        """New entries in, the oldest out beyond the capacity."""
+        self.entries.extend(entries)
+        while len(self.entries) > self.capacity:
             self.entries.pop(0)
-        self.made += 1
+        self.made += len(entries)
+
+    def add_one(self) -> int:
+        """One new corrupted volume; returns the number of entries added (1)."""
+        t0 = time.perf_counter()
+        v, art, sev, seed = self._next_draw()
+        self._append(make_pool_entry(v, art, sev, seed, self.cfg, self.sim_fn, **self.aug))
         self.sim_seconds += time.perf_counter() - t0
+        return 1
 
     def fill(self, n: int, seconds: float | None = None) -> int:
+        """Add at least ``n`` entries (or stop after ``seconds``); returns the number added."""
         t0 = time.perf_counter()
         k = 0
         while k < n and (seconds is None or time.perf_counter() - t0 < seconds):
-            self.add_one()
-            k += 1
+            k += self.add_one()
         return k
 
     def sample(self, b: int, gen: torch.Generator, group: int = 1):
