@@ -103,8 +103,13 @@ PROXY_FOLDS = ("ixi", "clinical2d")
 #: (EMA weights) is kept. The rest is the v9 recipe of benchmarks/encoder.
 BUDGETS = {
     "proxy": {"epochs": 6, "steps_per_epoch": 25, "pool_refresh": 6, "max_minutes": 90.0, "eval_volumes": 3},
+    "screen": {"epochs": 12, "steps_per_epoch": 50, "pool_refresh": 10, "max_minutes": 60.0, "eval_volumes": 3},
     "full": {"epochs": 24, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0, "eval_volumes": 6},
 }
+#: the shipped model's budget (``builtin`` step: every usable volume trains, no fold held out)
+BUILTIN_BUDGET = {"epochs": 48, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0}
+#: budgets evaluated on the two proxy folds only (screening); ``full`` runs every fold
+TWO_FOLD_BUDGETS = ("proxy", "screen")
 V9_RECIPE = {"batch_size": 32, "lr": 2e-3, "pool_size": 300, "train_slices_per_axis": 12,
              "val_severities": (0.3, 0.6, 0.9)}
 SEVERITIES = (0.25, 0.5, 0.75, 1.0)
@@ -145,6 +150,71 @@ def fold_split(data: Path, fold: str) -> dict:
     return {"train": train, "val": val, "test": test.to_dict("records"), "eval": EVAL[fold],
             "held_out_sites": sorted(test.site.unique()), "excluded_thick_from_training":
             inv[~ho & inv.thick].file.tolist()}
+
+
+# ---------------------------------------------------------------- training data: raw or N4 (+ SR)
+#: training data variants: ``raw3d`` = the 3D volumes as stored (the v9 recipe; thick-slice scans never train);
+#: ``n4sr`` = the workflow's own training path: every training-site volume N4-corrected, thick-slice scans then
+#: super-resolved (config/config.yaml ``preprocess`` defaults), so the 2D clinical scans train too; ``sr`` = the
+#: 3D volumes as stored plus the thick-slice scans super-resolved without N4 (intensities as acquired)
+DATA_VARIANTS = ("raw3d", "n4sr", "sr")
+PREP = CACHE / "prep"
+
+
+def prep_settings() -> tuple[dict, dict, float]:
+    """The workflow's default N4 and super-resolution settings, read from config/config.yaml (as the rules pass
+    them), so the benchmark trains on what the workflow would make of these volumes."""
+    import yaml
+
+    cfg = yaml.safe_load((HERE.parents[1] / "config" / "config.yaml").read_text())["preprocess"]
+    n4 = {k: cfg["n4"][k] for k in ("shrink_factor", "iters", "tol", "spline_distance_mm")} | {
+        "mask_method": cfg["n4"]["mask"]}
+    sr = {k: cfg["superres"][k] for k in ("method", "profile", "profile_width", "half_slices", "half_width",
+                                          "phase_bins", "ridge", "seed")}
+    return n4, sr, float(cfg["superres"]["ratio"])
+
+
+def prepped(rel: str, with_n4: bool = True) -> Path:
+    """The N4 (+ super-resolution) copy of a volume in the prep cache (``with_n4=False``: super-resolution only)."""
+    stem = rel.replace("/", "__").removesuffix(".gz").removesuffix(".nii")
+    return PREP / (stem + ("" if with_n4 else "_sr") + ".nii.gz")
+
+
+def prep_volumes(data: Path, files: list[str], with_n4: bool = True) -> list[Path]:
+    """N4 (unless ``with_n4`` is false) and super-resolution (thick slices only) of each file into the prep
+    cache (once; a file under its final name is complete), as the workflow's n4 and superres rules do; returns
+    the prepared paths."""
+    from artifactqc.preprocess.n4 import n4_file
+    from artifactqc.preprocess.superres import superres_file
+
+    n4, sr, ratio = prep_settings()
+    PREP.mkdir(parents=True, exist_ok=True)
+    out = []
+    for rel in files:
+        dst = prepped(rel, with_n4)
+        if not dst.is_file():
+            t0 = time.perf_counter()
+            mid, tmp = (dst.with_name(f".{x}-{dst.name}") for x in ("n4", "tmp"))  # NIfTI names for nibabel
+            if with_n4:
+                n4_file(data / rel, mid, **n4)
+            info = superres_file(mid if with_n4 else data / rel, tmp, ratio=ratio, **sr)
+            tmp.replace(dst)
+            mid.unlink(missing_ok=True)
+            log.info("prepared %s (%s, %.0f s)", rel, ("N4 + " if with_n4 else "") + "super-resolution"
+                     if info.get("superresolved") else "N4", time.perf_counter() - t0)
+        out.append(dst)
+    return out
+
+
+def training_files(data: Path, split: dict, variant: str) -> tuple[list[str], list[str]]:
+    """Training and validation paths of a fold for a data variant."""
+    if variant == "raw3d":
+        return [str(data / f) for f in split["train"]], [str(data / f) for f in split["val"]]
+    if variant == "sr":
+        thick = [str(p) for p in prep_volumes(data, split["excluded_thick_from_training"], with_n4=False)]
+        return [str(data / f) for f in split["train"]] + thick, [str(data / f) for f in split["val"]]
+    train = split["train"] + split["excluded_thick_from_training"]
+    return ([str(p) for p in prep_volumes(data, train)], [str(p) for p in prep_volumes(data, split["val"])])
 
 
 # ------------------------------------------------------------------------ unseen artifact kinds
@@ -260,14 +330,17 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
 
 
 def score_cache(model, X: np.ndarray) -> list[dict]:
-    from artifactqc.encoder.score import predict_slices, volume_outputs
+    """Each cached slice stack scored as a cohort row is (:func:`artifactqc.encoder.score.score_slices`: the
+    encoder's outputs, ``score_learned``, the clipping check and the reported ``score``)."""
+    from artifactqc.encoder.score import score_slices
 
-    return [volume_outputs(model, predict_slices(model, x.astype(np.float32))) for x in X]
+    return [score_slices(model, x.astype(np.float32)) for x in X]
 
 
 def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
     """Every number of one fold from the scored cache rows."""
-    R = [m | {k: v for k, v in r.items() if k == "score" or k.startswith("severity_")} for m, r in zip(meta, rows)]
+    R = [m | {k: v for k, v in r.items() if k in ("score", "score_learned") or k.startswith("severity_")}
+         for m, r in zip(meta, rows)]
     clean_all = [r for r in R if r["kind"] == "clean"]
     eval_vols = sorted({r["volume"] for r in R if r["kind"] == "simulated"})
     clean_eval = [r for r in clean_all if r["volume"] in eval_vols]
@@ -283,7 +356,14 @@ def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
                               for t in TYPES}
         res[f"quality_{definition}"] = q
     un = [r for r in R if r["kind"] == "unseen"]
+    neg_learned = [r["score_learned"] for r in clean_all]
     res["unseen"] = {"auroc_all_vs_clean": auroc([r["score"] for r in un], neg),
+                     # the kinds no rule covers (clipping is covered by the measured clipping check)
+                     "auroc_learned_kinds_vs_clean": auroc([r["score"] for r in un if r["artifact"] != "clipping"], neg),
+                     "auroc_by_kind_score_learned": {k: auroc([r["score_learned"] for r in un if r["artifact"] == k],
+                                                              neg_learned) for k in UNSEEN},
+                     "mean_severity_clipping_by_kind": {k: float(np.mean([r["severity_clipping"] for r in un
+                                                                          if r["artifact"] == k])) for k in UNSEEN},
                      "auroc_by_kind": {k: auroc([r["score"] for r in un if r["artifact"] == k], neg) for k in UNSEEN},
                      "mean_score_by_kind": {k: float(np.mean([r["score"] for r in un if r["artifact"] == k]))
                                             for k in UNSEEN},
@@ -320,22 +400,23 @@ def variant_dir(fold: str, budget: str, tag: str) -> Path:
     return CACHE / fold / (budget if tag == "baseline" else f"{budget}-{tag}")
 
 
-def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads: int, extra: dict) -> dict:
+def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads: int, extra: dict,
+               variant: str = "raw3d") -> dict:
     from artifactqc.training.loop import train_encoder
 
     split = fold_split(data, fold)
     b = BUDGETS[budget]
     kw = dict(V9_RECIPE, epochs=b["epochs"], steps_per_epoch=b["steps_per_epoch"], pool_refresh=b["pool_refresh"],
               max_minutes=b["max_minutes"], patience=10**6) | extra
+    train, val = training_files(data, split, variant)
     t0 = time.perf_counter()
-    m = train_encoder([str(data / f) for f in split["train"]], out / "model",
-                      val_volumes=[str(data / f) for f in split["val"]], seed=seed, device="cpu", threads=threads,
+    m = train_encoder(train, out / "model", val_volumes=val, seed=seed, device="cpu", threads=threads,
                       model_id=f"crosssite-{fold}", **kw)
     info = {"seconds": time.perf_counter() - t0, "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),
             "stop_reason": m.get("stop_reason"), "pool_made": m.get("n_corrupted_volumes"),
             "val_pearson_best": (m.get("final") or {}).get("val_pearson"),
             "arguments": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}, "seed": seed,
-            "n_train": len(split["train"]), "val": split["val"]}
+            "data": variant, "n_train": len(train), "val": split["val"]}
     (out / "train.json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -353,7 +434,8 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model" / "model.json").is_file():
         log.info("training fold %s (%s budget) -> %s", fold, args.budget, out)
-        train_fold(data, fold, args.budget, out, args.seed, args.threads, json.loads(args.train) if args.train else {})
+        train_fold(data, fold, args.budget, out, args.seed, args.threads, json.loads(args.train) if args.train else {},
+                   args.training_data)
     cache = CACHE / fold / f"eval-{b['eval_volumes']}.npz"
     if not cache.is_file():
         log.info("building the evaluation cache of fold %s -> %s", fold, cache)
@@ -376,6 +458,34 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
     return res
 
 
+def cmd_builtin(args, data: Path) -> dict:
+    """Train the shipped model on every usable volume (no site held out; the validation volumes of the
+    folds where IXI trains choose the epoch) with a variant's recipe, into ``args.out``. The model's training
+    record names its volumes relative to the development data (with the preparation), not by machine paths."""
+    from artifactqc.training.loop import train_encoder
+
+    inv = inventory(data)
+    split = {"train": inv[~inv.thick & ~inv.file.isin(V9_VALIDATION)].file.tolist(), "val": V9_VALIDATION,
+             "excluded_thick_from_training": inv[inv.thick].file.tolist()}
+    train, val = training_files(data, split, args.training_data)
+    kw = dict(V9_RECIPE, patience=10**6, **BUILTIN_BUDGET) | (json.loads(args.train) if args.train else {})
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    train_encoder(train, out, val_volumes=val, seed=args.seed, device="cpu", threads=args.threads,
+                  model_id=args.model_id, **kw)
+    n4 = " (N4)" if args.training_data == "n4sr" else ""
+    thick = [f + (" (N4 + super-resolution)" if n4 else " (super-resolution)") for f in split["excluded_thick_from_training"]]
+    mj = json.loads((out / "model.json").read_text())
+    mj["training"]["train_volumes"] = [f + n4 for f in split["train"]] + (thick if args.training_data != "raw3d" else [])
+    mj["training"]["val_volumes"] = [f + n4 for f in split["val"]]
+    mj["training"]["data_root"] = "the development data (../shared/data, MANIFEST.tsv): paths are relative to it"
+    mj["training"]["recipe"] = {"benchmark": "benchmarks/crosssite/run.py builtin", "tag": args.tag,
+                                "training_data": args.training_data, "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "model.json").write_text(json.dumps(mj, indent=2) + "\n")
+    log.info("builtin model %s -> %s (%.1f min)", args.model_id, out, (time.perf_counter() - t0) / 60)
+    return mj
+
+
 # -------------------------------------------------------------------------------------------- table
 def headline(m: dict) -> dict:
     """The per-fold numbers of the summary table (flat)."""
@@ -383,7 +493,10 @@ def headline(m: dict) -> dict:
     out = {"pearson_typemean": qm["pearson_overall"], "pearson_matched": qs["pearson_overall"],
            **{f"spearman_{t}": qm["spearman_by_type"][t] for t in TYPES},
            "auroc_typemean": qm["auroc_ss_ge_0.5_vs_clean"], "auroc_matched": qs["auroc_ss_ge_0.5_vs_clean"],
-           "auroc_unseen": m["unseen"]["auroc_all_vs_clean"], "argmax": qm["argmax_accuracy_ss_ge_0.5"],
+           "auroc_unseen": m["unseen"]["auroc_all_vs_clean"],
+           "auroc_unseen_noclip": m["unseen"].get("auroc_learned_kinds_vs_clean", float(np.mean(
+               [v for k, v in m["unseen"]["auroc_by_kind"].items() if k != "clipping"]))),
+           "argmax": qm["argmax_accuracy_ss_ge_0.5"],
            "clean_median": m["clean"]["median"], "clean_max": m["clean"]["max"],
            "clean_below_0.5": m["clean"]["fraction_below_0.5"],
            "resample_max_x_range": m["benign"]["resampled_1.5mm"]["max_x_range"],
@@ -392,31 +505,54 @@ def headline(m: dict) -> dict:
 
 
 TARGETS = {"pearson_typemean": ">= 0.80", "pearson_matched": ">= 0.90", **{f"spearman_{t}": ">= 0.85" for t in TYPES},
-           "auroc_typemean": ">= 0.95 (no fold < 0.85)", "auroc_matched": ">= 0.95", "auroc_unseen": "(report)",
+           "auroc_typemean": ">= 0.95 (no fold < 0.85)", "auroc_matched": ">= 0.95", "auroc_unseen": "(report)", "auroc_unseen_noclip": "(report)",
            "argmax": ">= 0.85", "clean_median": "", "clean_max": "< 0.5", "clean_below_0.5": ">= 0.95",
            "resample_max_x_range": "< 0.5", "resample_mean_x_sd": "< 0.25"}
 
 
+def seed_runs(fold: str, budget: str, tag: str) -> dict[int, dict]:
+    """Every finished seed run of a fold variant: ``{seed: metrics}`` (seed 0 = the variant's folder, seed k =
+    its ``-s<k>`` sibling)."""
+    base = variant_dir(fold, budget, tag)
+    runs = {}
+    for d in [base, *sorted(base.parent.glob(base.name + "-s*"))]:
+        p = d / "metrics.json"
+        if p.is_file() and (d == base or d.name[len(base.name) + 2:].isdigit()):
+            m = json.loads(p.read_text())
+            runs[int(m.get("seed") or 0)] = m
+    return runs
+
+
 def cmd_table(args) -> dict:
-    folds = PROXY_FOLDS if args.budget == "proxy" else tuple(FOLDS)
-    found = {}
+    folds = PROXY_FOLDS if args.budget in TWO_FOLD_BUDGETS else tuple(FOLDS)
+    runs = {}
     for f in folds:
-        p = variant_dir(f, args.budget, args.tag) / "metrics.json"
-        if p.is_file():
-            found[f] = json.loads(p.read_text())
+        r = seed_runs(f, args.budget, args.tag)
+        if r:
+            runs[f] = r
         else:
-            log.warning("fold %s has no metrics at %s (run: run.py fold %s --budget %s)", f, p, f, args.budget)
-    if not found:
+            log.warning("fold %s has no metrics under %s (run: run.py fold %s --budget %s)", f,
+                        variant_dir(f, args.budget, args.tag), f, args.budget)
+    if not runs:
         sys.exit("no fold results to tabulate")
-    H = {f: headline(m) for f, m in found.items()}
-    keys = list(next(iter(H.values())))
+    per_seed = {f: {s_: headline(m) for s_, m in r.items()} for f, r in runs.items()}
+    keys = list(next(iter(next(iter(per_seed.values())).values())))
+    H = {f: {k: float(np.mean([h[k] for h in hs.values()])) for k in keys} for f, hs in per_seed.items()}
+    seed_sd = {f: {k: float(np.std([h[k] for h in hs.values()], ddof=1)) for k in keys}
+               for f, hs in per_seed.items() if len(hs) > 1}
     summary = {k: {"mean": float(np.mean([h[k] for h in H.values()])),
-                   "sd": float(np.std([h[k] for h in H.values()], ddof=1)) if len(H) > 1 else None} for k in keys}
-    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget], "recipe": V9_RECIPE | {"tag": args.tag},
-           "folds": found, "per_fold": H, "mean_sd": summary, "fold_definitions": FOLDS}
+                   "sd": float(np.std([h[k] for h in H.values()], ddof=1)) if len(H) > 1 else None,
+                   "seed_sd": float(np.sqrt(np.mean([sd[k] ** 2 for sd in seed_sd.values()]))) if seed_sd else None}
+               for k in keys}
+    first = {f: r[min(r)] for f, r in runs.items()}
+    train = next(iter(first.values())).get("train") or {}
+    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget],
+           "recipe": {"tag": args.tag, "data": train.get("data", "raw3d"), "arguments": train.get("arguments")},
+           "seeds": {f: sorted(r) for f, r in runs.items()}, "folds": first, "per_fold": H,
+           "per_fold_per_seed": per_seed, "seed_sd": seed_sd, "mean_sd": summary, "fold_definitions": FOLDS}
     name = "results" if args.tag == "baseline" else f"results-{args.tag}"
-    if args.budget == "proxy":
-        name += "_proxy"
+    if args.budget != "full":
+        name += f"_{args.budget}"
     (HERE / f"{name}.json").write_text(json.dumps(res, indent=2, default=list))
     write_md(HERE / f"{name}.md", res)
     return res
@@ -435,27 +571,34 @@ def _f(x) -> str:
 
 def write_md(path: Path, res: dict) -> None:
     H, S, F = res["per_fold"], res["mean_sd"], res["folds"]
-    b = res["budget_settings"]
-    L = [f"# Leave-site-out benchmark: {res['budget'].upper()} budget" + (" (PROXY: two folds, short training; "
-         "for screening ideas, not the headline)" if res["budget"] == "proxy" else ""), "",
-         f"Recipe: v9 of benchmarks/encoder ({res['recipe']}); budget per fold: {b['epochs']} epochs x "
-         f"{b['steps_per_epoch']} steps (batch 32), {b['pool_refresh']} new corrupted volumes per epoch, "
-         f"safety cap {b['max_minutes']} min; {b['eval_volumes']} simulated evaluation volumes per fold. "
-         "One training run (seed 0) per fold. Folds (held-out sites): " + "; ".join(
+    b, rc = res["budget_settings"], res["recipe"]
+    seeds = res.get("seeds") or {f: [0] for f in F}
+    n_seeds = sorted({len(v) for v in seeds.values()})
+    L = [f"# Leave-site-out benchmark: {res['budget'].upper()} budget" + (
+         f" ({res['budget'].upper()}: two folds, shorter training; for screening ideas, not the headline)"
+         if res["budget"] in TWO_FOLD_BUDGETS else ""), "",
+         f"Variant `{rc['tag']}`: training data `{rc['data']}`, train_encoder arguments `{rc['arguments']}`; "
+         f"budget per fold: {b['epochs']} epochs x {b['steps_per_epoch']} steps (batch 32), {b['pool_refresh']} new "
+         f"corrupted volumes per epoch, safety cap {b['max_minutes']} min; {b['eval_volumes']} simulated evaluation "
+         f"volumes per fold. Seeds per fold: " + ", ".join(f"{f} {v}" for f, v in seeds.items()) + " (a fold's "
+         "value is the mean over its seeds). Folds (held-out sites): " + "; ".join(
              f"`{f}` {_sites(m['held_out_sites'])}" for f, m in F.items()) + ". Reproduce and fold definitions: "
          "see README.md.", "",
-         "| measure | target | " + " | ".join(H) + " | mean ± sd |", "|---|---|" + "---|" * len(H) + "---|"]
+         "| measure | target | " + " | ".join(H) + " | mean ± fold sd | seed sd |",
+         "|---|---|" + "---|" * len(H) + "---|---|"]
     for k in next(iter(H.values())):
-        sd = S[k]["sd"]
+        sd, ssd = S[k]["sd"], S[k].get("seed_sd")
         L.append(f"| {k} | {TARGETS.get(k, '')} | " + " | ".join(_f(h[k]) for h in H.values())
-                 + f" | {_f(S[k]['mean'])}" + (f" ± {sd:.3f}" if sd is not None else "") + " |")
+                 + f" | {_f(S[k]['mean'])}" + (f" ± {sd:.3f}" if sd is not None else "") + f" | {_f(ssd)} |")
     L += ["", "Rows: `pearson_*` r(SS, score) over the evaluation volumes' clean + corrupted rows (type-mean "
           "calibrated / SSIM-matched severities); `spearman_*` within a type (type-mean); `auroc_*` corrupted "
           "SS >= 0.5 (or every unseen-kind row) vs the clean scores of every held-out volume; `argmax` heads name "
           "the type, SS >= 0.5; `clean_*` every held-out volume as stored; `resample_*` |change| of the clean "
           "score after resampling to 1.5 mm, x the clean range / x the clean sd of the fold's held-out volumes.",
-          "The sd column is the fold-to-fold spread (different held-out sites AND different training sets), "
-          "not a seed noise estimate.", ""]
+          "`fold sd` is the fold-to-fold spread (different held-out sites AND different training sets); `seed sd` "
+          "is the run-to-run noise of one fold (sd over seeds, root-mean-square over the folds with several seeds: "
+          f"seeds per fold {n_seeds}). A difference between two variants smaller than about twice the seed sd is "
+          "not a difference. The per-fold sections below describe the first seed's run.", ""]
     for f, m in F.items():
         t = m.get("train") or {}
         L += [f"## Fold `{f}`: held out {_sites(m['held_out_sites'])}", "",
@@ -473,7 +616,10 @@ def write_md(path: Path, res: dict) -> None:
         u = m["unseen"]
         L.append(f"- unseen kinds: AUROC {u['auroc_all_vs_clean']:.3f}; by kind " + ", ".join(
             f"{k} {v:.2f} (score {u['mean_score_by_kind'][k]:.2f}, SSIM {u['mean_ssim_by_kind'][k]:.2f})"
-            for k, v in u["auroc_by_kind"].items()))
+            for k, v in u["auroc_by_kind"].items()) + (
+            f"; clipping with the learned score alone (no clipping check): AUROC "
+            f"{u['auroc_by_kind_score_learned']['clipping']:.2f}, mean clipping severity "
+            f"{u['mean_severity_clipping_by_kind']['clipping']:.2f}" if "auroc_by_kind_score_learned" in u else ""))
         c = m["clean"]
         L.append(f"- clean scores: median {c['median']:.2f}, max {c['max']:.2f}, sd {c['sd']:.2f}, below 0.5: "
                  f"{c['fraction_below_0.5']:.2f}" + (f"; 2D scans with every non-resolution head < 0.5: "
@@ -488,14 +634,19 @@ def write_md(path: Path, res: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["fold", "cache", "proxy", "all", "table", "folds"])
+    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds", "builtin"])
     ap.add_argument("fold", nargs="?", choices=list(FOLDS))
     H.add_data_arg(ap, default=None)
     ap.add_argument("--budget", choices=list(BUDGETS), default="full")
     ap.add_argument("--tag", default="baseline", help="variant name (models/metrics kept apart per tag)")
     ap.add_argument("--train", default=None, help="JSON of further train_encoder arguments (the idea under test)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--training-data", choices=DATA_VARIANTS, default="raw3d",
+                    help="training data: raw3d (3D volumes as stored, v9), n4sr (all, through N4 + super-resolution) "
+                    "or sr (3D as stored + thick-slice scans super-resolved)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="builtin: the model folder to write")
+    ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step == "table":
@@ -507,6 +658,14 @@ def main(argv=None) -> int:
             s = fold_split(data, f)
             print(f"{f}: held out {s['held_out_sites']} ({len(s['test'])} volumes, eval {len(s['eval'])}); "
                   f"train {len(s['train'])}, val {s['val']}")
+        return 0
+    if args.step == "builtin":
+        if not args.out:
+            sys.exit("run.py builtin --out FOLDER [--training-data n4sr --train JSON --tag NAME]")
+        cmd_builtin(args, data)
+        return 0
+    if args.step == "prep":  # N4 (+ super-resolution) of every usable volume, for --training-data n4sr
+        prep_volumes(data, inventory(data).file.tolist())
         return 0
     if args.step == "cache":  # only the (model-independent) evaluation cache of a fold
         n = BUDGETS[args.budget]["eval_volumes"]
