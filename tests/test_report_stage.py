@@ -146,7 +146,7 @@ def test_label_evaluation_includes_iqms_with_their_direction():
 
 def test_evaluate_labels_includes_the_site_aware_and_learned_scores():
     """The label table evaluates score_site and score_learned beside score when the table has them (a demo whose
-    raw scores carry a site offset is judged by its site-aware score too), and leaves out an all-NaN column."""
+    raw scores carry a site offset is judged by its site-aware score too); an empty p_fail_cv stays with n = 0."""
     rng = np.random.default_rng(1)
     n = 30
     fail = rng.random(n) < 0.4
@@ -157,6 +157,6 @@ def test_evaluate_labels_includes_the_site_aware_and_learned_scores():
                       "p_fail_cv": np.nan, "flagged": site_offset > 0.5})
     table, curves = stage.evaluate_labels(s, ["fail"], ["pass"], taus=(5,), n_boot=30)
     t = table.set_index("metric")
-    assert {"score_site", "score_learned"} <= set(t.index) and "p_fail_cv" not in t.index
+    assert {"score_site", "score_learned", "p_fail_cv"} <= set(t.index) and t.loc["p_fail_cv", "n"] == 0
     assert t.loc["score_site", "auroc"] == pytest.approx(np.mean([a > b for a in score_site[fail] for b in score_site[~fail]]))
     assert {"score_site", "score_learned"} <= set(curves)

@@ -91,9 +91,10 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     assert sorted(iqms["volume_id"]) == sorted(v for v in cohort.index if v != "B-9")
     # the calibrated flag and probability (out-of-fold) sit next to the raw ones; with 2 fails the calibration
     # is fitted, but no fold keeps 2 fails to refit on, so they have no out-of-fold values (n = 0)
-    assert list(table["metric"])[:7] == ["score>1", "flag_tau5", "flag_tau3", "flagged", "flagged_calibrated_cv",
-                                         "score", "p_fail_cv"]
-    assert set(table["metric"][7:]) <= set(stage.EVAL_IQMS)
+    # the site-aware and the encoder's own score are evaluated beside the reported one
+    assert list(table["metric"])[:9] == ["score>1", "flag_tau5", "flag_tau3", "flagged", "flagged_calibrated_cv",
+                                         "score", "score_site", "score_learned", "p_fail_cv"]
+    assert set(table["metric"][9:]) <= set(stage.EVAL_IQMS)
     assert list(table["kind"]) == ["flag"] * 5 + ["score"] * (len(table) - 5)
     flags_and_score = table.iloc[[0, 1, 2, 3, 5]]
     assert (flags_and_score["n"] == 7).all() and (flags_and_score["n_fail"] == 2).all()

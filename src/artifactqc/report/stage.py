@@ -264,7 +264,8 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
     df, flags = label_frame(scores, fail_values, pass_values, taus, threshold)
     # the site-aware score, the encoder's own score and the calibrated probability beside the reported score,
     # when the table has them
-    extra = [c for c in ("score_site", "score_learned", "p_fail_cv") if c in df and df[c].notna().any()]
+    extra = [c for c in ("score_site", "score_learned") if c in df and df[c].notna().any()]
+    extra += ["p_fail_cv"] if "p_fail_cv" in df else []  # kept when empty: its n = 0 says no fold could judge
     table = evaluate_flags(df, "fail", flag_cols=flags, score_cols=["score", *extra, *iqm_cols], n_boot=n_boot,
                            seed=seed)
     table.insert(2, "n_pass", table["n"] - table["n_fail"])
