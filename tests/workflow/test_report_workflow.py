@@ -99,7 +99,8 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     flags_and_score = table.iloc[[0, 1, 2, 3, 5]]
     assert (flags_and_score["n"] == 7).all() and (flags_and_score["n_fail"] == 2).all()
     assert (flags_and_score["n_pass"] == 5).all()
-    assert (table.iloc[[4, 6]]["n"] == 0).all()
+    assert (table.iloc[[4, 8]]["n"] == 0).all()  # flagged_calibrated_cv, p_fail_cv
+    assert (table.iloc[[6, 7]]["n"] == 7).all()  # score_site, score_learned
     calibration = (tmp_path / "results/calibration/model.json").read_text()
     assert '"status": "fitted on 7 rated volumes (2 fail)' in calibration
     # independent check of the score > 1 row from the cohort table
