@@ -124,7 +124,7 @@ def _figures(results: Path) -> list[str]:
            "(`benchmarks/crosssite/README.md`); the builtin model itself is trained on all of them (with the training "
            "budget above, which may be longer than the folds'), so these are the figures to expect on a site it has "
            "never seen. The sd is the fold-to-fold spread; the seed sd (run-to-run noise of one fold, measured at the "
-           "`screen` budget, `benchmarks/crosssite/results_screen.md`) says which differences are real.", "",
+           "`proxy` budget, `benchmarks/crosssite/results_proxy.md`) says which differences are real.", "",
            "| measure | target | " + " | ".join(folds) + " | mean ± sd |", "|---|---|" + "---|" * len(folds) + "---|"]
     for k, ms in r.get("mean_sd", {}).items():
         cells = [_num(r.get("per_fold", {}).get(f, {}).get(k)) for f in folds]
