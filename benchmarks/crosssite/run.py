@@ -200,8 +200,8 @@ def prep_volumes(data: Path, files: list[str], with_n4: bool = True) -> list[Pat
             info = superres_file(mid if with_n4 else data / rel, tmp, ratio=ratio, **sr)
             tmp.replace(dst)
             mid.unlink(missing_ok=True)
-            log.info("prepared %s (%s, %.0f s)", rel, ("N4 + " if with_n4 else "") + "super-resolution"
-                     if info.get("superresolved") else "N4", time.perf_counter() - t0)
+            steps = ["N4"] * with_n4 + ["super-resolution"] * bool(info.get("superresolved"))
+            log.info("prepared %s (%s, %.0f s)", rel, " + ".join(steps) or "copied", time.perf_counter() - t0)
         out.append(dst)
     return out
 
