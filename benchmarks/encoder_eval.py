@@ -21,8 +21,8 @@ def score_array(model, data: np.ndarray, affine: np.ndarray) -> dict:
     from artifactqc.encoder.score import score_slices
     from artifactqc.encoder.slices import extract_from_array
 
-    s, _ = extract_from_array(data, affine, model.slice_cfg)
-    return score_slices(model, s)
+    s, info = extract_from_array(data, affine, model.slice_cfg)
+    return score_slices(model, s, voxel_mm=info["voxel_mm"])
 
 
 def canon_norm(path):

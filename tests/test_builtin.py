@@ -59,6 +59,20 @@ def test_builtin_model_loads_and_scores_a_volume_offline(tmp_path):
     assert df.loc[0, "status"] == "ok" and np.isfinite(df.loc[0, "score"])
 
 
+def test_builtin_grades_a_real_2d_scan_on_its_acquisition_planes(shared_data):
+    """A clean clinical 2D T1w (1 x 1 x 4.8 mm sagittal slices, a scanner the builtin model never trained on):
+    on its acquisition planes the score drops (the blur of 4.8 mm slices is the protocol, not an artifact),
+    while severity_resolution still reports the thick slices."""
+    from artifactqc.encoder.score import score_volumes
+
+    path = shared_data / "volumes/dcm_qa_decubitus/HFS/t1_fl2d_sag_3.nii.gz"
+    model = load_model("builtin", device="cpu")
+    acq, every = (score_volumes(model, [str(path)], threads=1, planes=p).iloc[0] for p in ("acquisition", "all"))
+    assert acq["score_planes"] == "sagittal" and every["score_planes"] == "all"
+    assert acq["severity_resolution"] == every["severity_resolution"]
+    assert acq["score"] < every["score"] - 0.3, (acq["score"], every["score"])
+
+
 def test_builtin_model_is_in_the_wheel(tmp_path):
     """A non-editable install gets the model: build the wheel from a copy of the sources and look inside."""
     src = tmp_path / "src"

@@ -35,7 +35,8 @@ def cohort_rows(site: str, n: int, *, bids: bool = True, seed: int = 0, failed: 
             "density_pct": float(rng.uniform(0, 100)), "flag_tau5": bool(i == 1), "flag_tau3": False,
             "flagged": bool(i == 1), "flow_id": "f1", "flow_sha256": "b" * 64, "config_sha256": "c" * 64,
             "artifactqc_version": "0.1.0", "code_version": "0.1.0+gabc", "density_pct_site": float(rng.uniform(0, 100)),
-            "pct_scope": "site",
+            "pct_scope": "site", "score_planes": "axial" if i % 2 else "all", "score_site": float(rng.normal()),
+            "score_site_basis": "pooled",
         })
     df = pd.DataFrame(rows)
     if failed is not None:
@@ -68,6 +69,7 @@ def test_bids_layout_contents_and_mriqc_readers(tmp_path):
     side = json.loads((out / "sub-A01/anat/sub-A01_T2w.json").read_text())
     row = scores.set_index("volume_id").loc["sub-A01_T2w"]
     assert side["bids_name"] == "sub-A01_T2w" and side["site"] == "A" and side["status"] == "ok"
+    assert side["score_planes"] == "axial" and side["score_site_basis"] == "pooled"
     for col in ["score", *SEVERITIES, "density_pct", "density_pct_site", "log_density"]:
         assert side[col] == pytest.approx(row[col]), col
     assert side["flag_tau5"] is True and side["flagged"] is True and side["flag_tau3"] is False
@@ -92,6 +94,7 @@ def test_bids_layout_contents_and_mriqc_readers(tmp_path):
     t2 = pd.read_csv(out / "group_T2w.tsv", sep="\t")
     assert list(t2.columns[:2]) == ["bids_name", "score"] and list(t2["bids_name"]) == ["sub-A01_T2w", "sub-A03_T2w"]
     assert all(pd.api.types.is_numeric_dtype(t2[c]) for c in t2.columns[1:])  # numeric only, as MRIQC's
+    assert "score_site" in t2.columns and not {"score_planes", "score_site_basis"} & set(t2.columns)  # text
     assert t2.loc[0, "flagged"] == 1 and np.isnan(t2.loc[1, "score"])
     back = mriqc.read_mriqc(out).set_index("bids_name")
     assert sorted(back.index) == sorted(scores["volume_id"])

@@ -130,3 +130,70 @@ def test_cli_score_refuses_pickle_model(tmp_path, inputs):
     torch.save(ArtifactEncoder().state_dict(), d / "encoder.pt")
     with pytest.raises(Exception, match="pickle|safetensors|model.json"):
         cli.main(["score", "--model", str(d / "encoder.pt"), "--out", str(tmp_path / "o.parquet"), good[0]])
+
+
+# ------------------------------------------------------------------ thick-slice scans: acquisition planes
+def test_acquisition_axis_is_the_one_thick_voxel_side():
+    from artifactqc.encoder.score import acquisition_axis
+
+    assert acquisition_axis([1.0, 1.0, 5.0]) == 2
+    assert acquisition_axis([0.45, 0.45, 3.0]) == 2
+    assert acquisition_axis([4.0, 0.9, 0.9]) == 0
+    assert acquisition_axis([1.0, 1.0, 1.5]) is None  # 1.5 mm slices: a 3D protocol
+    assert acquisition_axis([1.0, 5.0, 5.0]) is None  # two thick sides: no acquisition plane
+    assert acquisition_axis([1.0, 1.0, 1.0]) is None
+    assert acquisition_axis([1.0, 0.0, 3.0]) is None
+
+
+def _thick(tmp_path, name, thick_axis):
+    """A phantom stored with a 12 mm voxel side along ``thick_axis`` (3 mm in-plane)."""
+    shape = [24, 24, 24]
+    shape[thick_axis] = 6
+    zooms = [3.0, 3.0, 3.0]
+    zooms[thick_axis] = 12.0
+    v = np.clip(_vol(7, tuple(shape)), 0, None)
+    p = tmp_path / name
+    nib.save(nib.Nifti1Image(v, np.diag([*zooms, 1.0])), str(p))
+    return str(p)
+
+
+def test_thick_slice_scan_is_scored_on_its_acquisition_planes(model_dir, tmp_path):
+    """Recompute independently: the slices normal to the thick axis, scored as a whole volume, give the score
+    and the non-resolution severities; severity_resolution and the latent are the all-orientation values."""
+    from artifactqc.encoder.score import ORIENTATIONS, predict_volume
+
+    model = load_model(model_dir, device="cpu")
+    for axis in (2, 0):
+        path = _thick(tmp_path, f"thick{axis}.nii.gz", axis)
+        row = score_volumes(model, [path], device="cpu").iloc[0]
+        assert row["status"] == "ok" and row["score_planes"] == ORIENTATIONS[axis]
+        s, _ = slices.extract_slices(path, model.slice_cfg)
+        n = len(s) // 3
+        block = s[axis * n:(axis + 1) * n]
+        planes = predict_volume(model, np.concatenate([block] * 3))
+        everything = predict_volume(model, s)
+        assert row["score_learned"] == pytest.approx(planes["score"], rel=1e-5)
+        for h in HEADS:
+            want = everything if h == "resolution" else planes
+            assert row[f"severity_{h}"] == pytest.approx(want[f"severity_{h}"], rel=1e-5, abs=1e-7)
+        assert row["latent_1"] == pytest.approx(everything["latent_1"], rel=1e-4, abs=1e-6)
+        every = score_volumes(model, [path], device="cpu", planes="all").iloc[0]
+        assert every["score_planes"] == "all"
+        assert every["score_learned"] == pytest.approx(everything["score"], rel=1e-5)
+
+
+def test_isotropic_scan_uses_every_orientation_and_bad_policy_is_refused(model_dir, inputs):
+    good, _ = inputs
+    a = score_volumes(model_dir, [good[0]], device="cpu").iloc[0]
+    b = score_volumes(model_dir, [good[0]], device="cpu", planes="all").iloc[0]
+    assert a["score_planes"] == b["score_planes"] == "all" and a["score"] == b["score"]
+    with pytest.raises(ValueError, match="planes must be one of"):
+        score_volumes(model_dir, [good[0]], device="cpu", planes="inplane")
+
+
+def test_cli_score_planes_option(model_dir, tmp_path):
+    path = _thick(tmp_path, "thick.nii.gz", 2)
+    for planes, want in (("acquisition", "axial"), ("all", "all")):
+        out = tmp_path / f"{planes}.parquet"
+        assert cli.main(["score", path, "--model", str(model_dir), "--out", str(out), "--planes", planes]) == 0
+        assert pd.read_parquet(out)["score_planes"].tolist() == [want]

@@ -329,12 +329,40 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
     np.savez(path, X=np.stack(X), meta=np.array([json.dumps(m) for m in meta]))
 
 
-def score_cache(model, X: np.ndarray) -> list[dict]:
+def row_voxel_mm(data: Path, meta: list[dict]) -> list[list[float]]:
+    """The canonical voxel sizes of each cached row's volume (what the scorer's extraction reports), from the
+    file headers: the stored file's, except the resampled benign change (1.5 mm isotropic)."""
+    import nibabel as nib
+
+    from artifactqc import io
+
+    by_file: dict[str, list[float]] = {}
+    out = []
+    for m in meta:
+        if m.get("artifact") == "resampled_1.5mm":
+            out.append([1.5, 1.5, 1.5])
+            continue
+        if m["volume"] not in by_file:
+            a = nib.load(str(data / m["volume"])).affine
+            order = [int(np.nonzero(nib.orientations.io_orientation(a)[:, 0] == c)[0][0]) for c in range(3)]
+            by_file[m["volume"]] = [float(z) for z in io.voxel_sizes(a)[order]]
+        out.append(by_file[m["volume"]])
+    return out
+
+
+def score_cache(model, X: np.ndarray, voxel_mm: list, planes: str = "acquisition") -> list[dict]:
     """Each cached slice stack scored as a cohort row is (:func:`artifactqc.encoder.score.score_slices`: the
-    encoder's outputs, ``score_learned``, the clipping check and the reported ``score``)."""
+    encoder's outputs, ``score_learned``, the clipping check and the reported ``score``; ``planes`` =
+    ``acquisition``: thick-slice scans graded on their acquisition planes, the scorer's default)."""
     from artifactqc.encoder.score import score_slices
 
-    return [score_slices(model, x.astype(np.float32)) for x in X]
+    return [score_slices(model, x.astype(np.float32), voxel_mm=v, planes=planes) for x, v in zip(X, voxel_mm)]
+
+
+def metrics_name(planes: str) -> str:
+    """A fold run's metrics file: ``metrics.json`` for the scorer's default, ``metrics-planes-all.json`` when
+    thick-slice scans are graded on all orientations (``--planes all``, the scoring before 2026-12-03)."""
+    return "metrics.json" if planes == "acquisition" else f"metrics-planes-{planes}.json"
 
 
 def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
@@ -444,14 +472,14 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
     meta = [json.loads(s) for s in z["meta"]]
     model = load_model(out / "model", device="cpu")
     t0 = time.perf_counter()
-    rows = score_cache(model, z["X"])
+    rows = score_cache(model, z["X"], row_voxel_mm(data, meta), args.planes)
     res = fold_metrics(meta, rows)
-    res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed,
+    res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed, "planes": args.planes,
             "held_out_sites": fold_split(data, fold)["held_out_sites"], "score_seconds": time.perf_counter() - t0,
             "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}}
     tr = json.loads((out / "model" / "model.json").read_text()).get("training", {})  # the model's own record
     res["train"] |= {"pool_made": tr.get("n_corrupted_volumes"), "val_pearson_best": (tr.get("final") or {}).get("val_pearson")}
-    (out / "metrics.json").write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes)).write_text(json.dumps(res, indent=2))
     log.info("fold %s: r %.3f (matched %.3f), AUROC %.3f, unseen %.3f, clean max %.2f", fold,
              res["quality_mean"]["pearson_overall"], res["quality_matched"]["pearson_overall"],
              res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"], res["unseen"]["auroc_all_vs_clean"], res["clean"]["max"])
@@ -510,13 +538,13 @@ TARGETS = {"pearson_typemean": ">= 0.80", "pearson_matched": ">= 0.90", **{f"spe
            "resample_max_x_range": "< 0.5", "resample_mean_x_sd": "< 0.25"}
 
 
-def seed_runs(fold: str, budget: str, tag: str) -> dict[int, dict]:
-    """Every finished seed run of a fold variant: ``{seed: metrics}`` (seed 0 = the variant's folder, seed k =
-    its ``-s<k>`` sibling)."""
+def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition") -> dict[int, dict]:
+    """Every finished seed run of a fold variant scored with ``planes``: ``{seed: metrics}`` (seed 0 = the
+    variant's folder, seed k = its ``-s<k>`` sibling)."""
     base = variant_dir(fold, budget, tag)
     runs = {}
     for d in [base, *sorted(base.parent.glob(base.name + "-s*"))]:
-        p = d / "metrics.json"
+        p = d / metrics_name(planes)
         if p.is_file() and (d == base or d.name[len(base.name) + 2:].isdigit()):
             m = json.loads(p.read_text())
             runs[int(m.get("seed") or 0)] = m
@@ -527,12 +555,12 @@ def cmd_table(args) -> dict:
     folds = PROXY_FOLDS if args.budget in TWO_FOLD_BUDGETS else tuple(FOLDS)
     runs = {}
     for f in folds:
-        r = seed_runs(f, args.budget, args.tag)
+        r = seed_runs(f, args.budget, args.tag, args.planes)
         if r:
             runs[f] = r
         else:
-            log.warning("fold %s has no metrics under %s (run: run.py fold %s --budget %s)", f,
-                        variant_dir(f, args.budget, args.tag), f, args.budget)
+            log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s --planes %s)", f,
+                        metrics_name(args.planes), variant_dir(f, args.budget, args.tag), f, args.budget, args.planes)
     if not runs:
         sys.exit("no fold results to tabulate")
     per_seed = {f: {s_: headline(m) for s_, m in r.items()} for f, r in runs.items()}
@@ -546,11 +574,13 @@ def cmd_table(args) -> dict:
                for k in keys}
     first = {f: r[min(r)] for f, r in runs.items()}
     train = next(iter(first.values())).get("train") or {}
-    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget],
+    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget], "planes": args.planes,
            "recipe": {"tag": args.tag, "data": train.get("data", "raw3d"), "arguments": train.get("arguments")},
            "seeds": {f: sorted(r) for f, r in runs.items()}, "folds": first, "per_fold": H,
            "per_fold_per_seed": per_seed, "seed_sd": seed_sd, "mean_sd": summary, "fold_definitions": FOLDS}
     name = "results" if args.tag == "baseline" else f"results-{args.tag}"
+    if args.planes != "acquisition":
+        name += f"-planes-{args.planes}"
     if args.budget != "full":
         name += f"_{args.budget}"
     (HERE / f"{name}.json").write_text(json.dumps(res, indent=2, default=list))
@@ -580,7 +610,10 @@ def write_md(path: Path, res: dict) -> None:
          f"Variant `{rc['tag']}`: training data `{rc['data']}`, train_encoder arguments `{rc['arguments']}`; "
          f"budget per fold: {b['epochs']} epochs x {b['steps_per_epoch']} steps (batch 32), {b['pool_refresh']} new "
          f"corrupted volumes per epoch, safety cap {b['max_minutes']} min; {b['eval_volumes']} simulated evaluation "
-         f"volumes per fold. Seeds per fold: " + ", ".join(f"{f} {v}" for f, v in seeds.items()) + " (a fold's "
+         f"volumes per fold. Scoring: thick-slice scans graded on " + (
+             "their acquisition planes (the scorer's default, `score.planes: acquisition`)"
+             if res.get("planes", "acquisition") == "acquisition" else "all three orientations (`--planes all`)")
+         + ". Seeds per fold: " + ", ".join(f"{f} {v}" for f, v in seeds.items()) + " (a fold's "
          "value is the mean over its seeds). Folds (held-out sites): " + "; ".join(
              f"`{f}` {_sites(m['held_out_sites'])}" for f, m in F.items()) + ". Reproduce and fold definitions: "
          "see README.md.", "",
@@ -645,6 +678,8 @@ def main(argv=None) -> int:
                     help="training data: raw3d (3D volumes as stored, v9), n4sr (all, through N4 + super-resolution) "
                     "or sr (3D as stored + thick-slice scans super-resolved)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--planes", choices=["acquisition", "all"], default="acquisition",
+                    help="how thick-slice scans are scored (artifactqc.encoder.score; metrics kept per choice)")
     ap.add_argument("--out", default=None, help="builtin: the model folder to write")
     ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
     args = ap.parse_args(argv)

@@ -126,6 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--planes", choices=["acquisition", "all"], default="acquisition",
+                   help="thick-slice (2D) scans graded on their acquisition planes (default), or all orientations")
     p.set_defaults(func=_cmd_score)
 
     p_iqm = sub.add_parser("iqm", parents=[prog], help="MRIQC-defined image-quality metrics of volumes -> table")
@@ -193,7 +195,7 @@ def _cmd_score(args) -> int:
         print("artifactqc score: give PATHS or --list FILE", file=sys.stderr)
         return 2
     df = score_from_cli(args.model, args.paths, args.list_file, args.out, batch_size=args.batch_size,
-                        device=args.device, threads=args.threads)
+                        device=args.device, threads=args.threads, planes=args.planes)
     n_bad = int((df["status"] != "ok").sum())
     print(f"{len(df)} volumes scored ({n_bad} failed) -> {args.out}")
     return 0

@@ -55,7 +55,8 @@ METRIC_PATTERN = re.compile(r"^(score(_\w+)?|severity_\w+|saturation|log_density
 PROVENANCE_COLUMNS = ("input_sha256", "model_id", "model_sha256", "flow_id", "flow_sha256", "config_sha256",
                       "artifactqc_version", "code_version")
 #: Descriptive text columns copied into each sidecar when present.
-TEXT_COLUMNS = ("volume_id", "site", "subject", "session", "contrast", "status", "error", "pct_scope")
+TEXT_COLUMNS = ("volume_id", "site", "subject", "session", "contrast", "status", "error", "pct_scope", "score_planes",
+                "score_site_basis")
 #: IQM-table columns that are bookkeeping, not metrics.
 IQM_BOOKKEEPING = ("volume_id", "path", "contrast", "status", "error_type", "error", "seconds")
 
@@ -88,8 +89,9 @@ def placement(row: dict) -> tuple[str, str, str]:
 
 
 def metric_columns(scores: pd.DataFrame) -> list[str]:
-    """The cohort table's metric columns (:data:`METRIC_PATTERN`), in table order."""
-    return [c for c in scores.columns if METRIC_PATTERN.match(c)]
+    """The cohort table's metric columns (:data:`METRIC_PATTERN`, but not the text columns that share its
+    prefixes, such as ``score_planes``), in table order."""
+    return [c for c in scores.columns if METRIC_PATTERN.match(c) and c not in TEXT_COLUMNS]
 
 
 def iqm_columns(iqms: pd.DataFrame | None) -> list[str]:

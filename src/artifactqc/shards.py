@@ -45,6 +45,8 @@ COLUMN_DOCS = {
                          "(artifactqc.encoder.saturation; benchmarks/saturation)",
     "saturation": "fraction of head pixels of the scorer's slices on the upper intensity plateau (|x - 1| < 0.001 "
                   "after the scorer's 0.5/99.5 percentile scaling): the clipping check's measure",
+    "score_planes": "slices the score and non-resolution severities come from: all (three orientations) or the "
+                    "acquisition planes (sagittal/coronal/axial) of a thick-slice 2D scan (config score.planes)",
     "n_slices": "number of 2D slices the volume score aggregates",
     "seconds": "wall-clock seconds spent scoring the volume",
     "log_density": "log-density of the volume's latent under the flow (latent space units)",
@@ -84,6 +86,7 @@ def score_shard(
     device: str = "auto",
     threads: int | None = None,
     sheet_rows: pd.DataFrame | None = None,
+    planes: str = "acquisition",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score the ingested volumes of one shard; returns ``(rows, score_failures)``.
 
@@ -97,7 +100,8 @@ def score_shard(
 
     model = load_model(model_dir, device=device)
     identity = model_identity(model_dir, model.model_info)
-    raw = score_volumes(model, volumes["path"].tolist(), batch_size=batch_size, device=device, threads=threads)
+    raw = score_volumes(model, volumes["path"].tolist(), batch_size=batch_size, device=device, threads=threads,
+                        planes=planes)
     raw = raw.drop(columns=["path"])
     ids = volumes[[c for c in ID_COLUMNS if c in volumes.columns]].reset_index(drop=True)
     rows = pd.concat([ids, raw.reset_index(drop=True)], axis=1)

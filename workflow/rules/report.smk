@@ -45,6 +45,7 @@ rule report_figures:
         thumbnails=config["report"]["thumbnails"],
         ruler=config["report"]["ruler"],
         device=config["score"]["device"],
+        planes=config["score"]["planes"],
     log:
         "logs/report/figures.log",
     threads: 1
@@ -154,6 +155,7 @@ rule compare_simulate:
         use_n4=config["compare"]["use_n4"],
         seed=config["compare"]["seed"],
         device=config["score"]["device"],
+        planes=config["score"]["planes"],
     log:
         "logs/report/compare_simulate/{contrast}.log",
     benchmark:

@@ -20,6 +20,7 @@ rule score_shard:
         rows=shard_rows,
         batch_size=config["score"]["batch_size"],
         device=config["score"]["device"],
+        planes=config["score"]["planes"],
     log:
         "logs/score/site={site}/part-{part}.log",
     benchmark:

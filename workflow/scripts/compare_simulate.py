@@ -23,6 +23,7 @@ rows = compare.simulate_contrast(
     seed=p.seed,
     use_n4=p.use_n4,
     device=p.device,
+    planes=p.planes,
 )
 write_parquet(rows, snakemake.output[0], compare.ROW_DOCS, {"contrast": snakemake.wildcards.contrast})
 log.info("%s: %d simulated volumes", snakemake.wildcards.contrast, len(rows))

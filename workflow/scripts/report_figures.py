@@ -30,5 +30,6 @@ paths = stage.make_report_figures(
     ruler_severities=ruler["severities"],
     seed=ruler["seed"],
     device=snakemake.params.device,
+    planes=snakemake.params.planes,
 )
 log.info("report figures: %s", {k: len(v) for k, v in paths.items()})

@@ -15,6 +15,7 @@ rows, fails = shards.score_shard(
     os.path.dirname(snakemake.input.model[0]),
     batch_size=snakemake.params.batch_size,
     device=snakemake.params.device,
+    planes=snakemake.params.planes,
     threads=snakemake.threads,
     sheet_rows=pd.DataFrame(snakemake.params.rows),
 )

@@ -13,6 +13,18 @@ and per-slice outputs are aggregated to the volume:
   of the field of view) while artifacts that affect one or two orientations only (thick slices blur two of
   the three orientations; ghosts run along one phase-encode axis) still raise the mean.
 
+**Thick-slice (2D) acquisitions** are graded on their acquisition planes (``planes="acquisition"``, the
+default). A volume whose file geometry has one voxel side at least :data:`THICK_RATIO` times both others
+(e.g. 0.9 x 0.9 x 5 mm, the 2D protocols of clinical sites) shows the blur of its thick slices in two of the
+three orientations: that is the protocol, not an artifact, and scoring every orientation gives every such
+scan a high score (measured on the clinical 2D fold of ``benchmarks/crosssite``: clean FLAIRs 1.1-1.8). Such
+a volume's score and non-resolution severities come from the slices parallel to its acquisition planes only
+(the same per-slice outputs, pooled as if the three orientations were those planes); ``severity_resolution``
+and the latent (so the density flow) keep every orientation, so the resolution of the protocol is still
+reported and a cohort's flow still sees it. ``score_planes`` names what was used: ``all``, or the canonical
+orientation (``sagittal``, ``coronal``, ``axial``) of the acquisition planes. The decision uses the file's
+voxel sizes only: a thick-slice scan resampled to an isotropic grid is scored on all orientations.
+
 The same slices also go through the intensity-clipping check (:mod:`artifactqc.encoder.saturation`, a few
 numpy operations): ``saturation`` (fraction of head pixels on the upper plateau) and ``severity_clipping``
 (measured, not learned). The row's ``score`` is max(``score_learned``, ``SCORE_SCALE`` × ``severity_clipping``);
@@ -48,6 +60,15 @@ TRIM = 0.1
 #: columns of the measured (not learned) checks on the slices, after the learned severities
 CHECK_COLUMNS = ("severity_clipping", "saturation")
 
+#: a volume with one voxel side at least this many times both others is a thick-slice (2D) acquisition
+#: (the definition of ``benchmarks/crosssite``)
+THICK_RATIO = 1.9
+#: the ``planes`` policies: ``acquisition`` = thick-slice scans graded on their acquisition planes, ``all`` =
+#: every volume on all three orientations
+PLANES = ("acquisition", "all")
+#: names of the canonical (RAS+) slice orientations, by the axis normal to the slices
+ORIENTATIONS = ("sagittal", "coronal", "axial")
+
 
 def trimmed_mean(x: np.ndarray, trim: float = TRIM, axis: int = 0) -> np.ndarray:
     """Mean after dropping ``trim`` of the values at each end along ``axis`` (scipy's definition)."""
@@ -62,6 +83,7 @@ def score_columns(latent_dim: int) -> list[str]:
         ["path", "status", "error", "score", "score_learned"]
         + [f"severity_{h}" for h in HEADS]
         + list(CHECK_COLUMNS)
+        + ["score_planes"]
         + [f"latent_{i}" for i in range(latent_dim)]
         + ["n_slices", "seconds"]
     )
@@ -123,18 +145,50 @@ def volume_outputs(model: torch.nn.Module, pred: dict) -> dict:
                 o["latent"][0].float().cpu().numpy())
 
 
-def predict_volume(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None) -> dict:
-    """Volume-level score, severities and latent from a volume's slices (all orientations, as extracted)."""
-    return volume_outputs(model, predict_slices(model, slices, batch_size, device))
+def acquisition_axis(voxel_mm, ratio: float = THICK_RATIO) -> int | None:
+    """The canonical axis along which a thick-slice acquisition's slices are stacked (its one voxel side at
+    least ``ratio`` times both others), or ``None`` for a 3D acquisition (or two thick sides)."""
+    z = np.asarray(voxel_mm, dtype=np.float64)
+    if z.shape != (3,) or not np.all(np.isfinite(z) & (z > 0)):
+        return None
+    a = int(np.argmax(z))
+    others = np.delete(z, a)
+    return a if z[a] >= ratio * others.max() else None
 
 
-def score_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None) -> dict:
+def predict_volume(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None,
+                   inplane_axis: int | None = None) -> dict:
+    """Volume-level score, severities and latent from a volume's slices (all orientations, as extracted).
+
+    With ``inplane_axis`` (a thick-slice acquisition, :func:`acquisition_axis`), the score and the severities
+    other than ``resolution`` come from the slices normal to that axis only (its acquisition planes, pooled
+    as if they were all three orientations); ``severity_resolution`` and the latent from every orientation."""
+    pred = predict_slices(model, slices, batch_size, device)
+    out = volume_outputs(model, pred)
+    if inplane_axis is None:
+        return out
+    n = len(pred["score"]) // 3
+    block = {k: np.concatenate([v[inplane_axis * n:(inplane_axis + 1) * n]] * 3) for k, v in pred.items()}
+    planes = volume_outputs(model, block)
+    keep = {"severity_resolution"} | {k for k in out if k.startswith("latent_")}
+    return {k: (out[k] if k in keep else v) for k, v in planes.items()}
+
+
+def score_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None,
+                 voxel_mm=None, planes: str = "acquisition") -> dict:
     """A volume's row values from its slices (as :func:`artifactqc.encoder.slices.extract_from_array` returns
     them, float32 ``[N, S, S]``): the encoder's outputs (:func:`predict_volume`) with its score kept as
     ``score_learned``, the clipping check (``saturation``, ``severity_clipping``,
     :mod:`artifactqc.encoder.saturation`) and ``score`` = max(score_learned, SCORE_SCALE × severity_clipping).
-    Every scoring path (cohort rows, image rulers, the simulated-artifact comparison) goes through here."""
-    out = predict_volume(model, slices, batch_size, device)
+    ``voxel_mm`` (the canonical voxel sizes, ``info["voxel_mm"]`` of the extraction) and ``planes`` choose the
+    planes of a thick-slice acquisition (module docstring; ``score_planes`` records it; without ``voxel_mm``
+    every orientation is used). Every scoring path (cohort rows, image rulers, the simulated-artifact
+    comparison) goes through here."""
+    if planes not in PLANES:
+        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+    axis = acquisition_axis(voxel_mm) if planes == "acquisition" and voxel_mm is not None else None
+    out = predict_volume(model, slices, batch_size, device, inplane_axis=axis)
+    out["score_planes"] = "all" if axis is None else ORIENTATIONS[axis]
     out.update(saturation_columns(slices))
     out["score_learned"] = out["score"]
     out["score"] = combined_score(out["score_learned"], out["severity_clipping"])
@@ -147,19 +201,20 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def score_volume(model: torch.nn.Module, path: str | os.PathLike, batch_size: int = 64) -> dict:
-    """One row (dict) for one volume; never raises for a bad input."""
+def score_volume(model: torch.nn.Module, path: str | os.PathLike, batch_size: int = 64,
+                 planes: str = "acquisition") -> dict:
+    """One row (dict) for one volume (``planes``: :func:`score_slices`); never raises for a bad input."""
     t0 = time.perf_counter()
     k = int(model.config.latent_dim)
     row: dict = {"path": str(path), "status": "ok", "error": None}
     try:
         sl, info = extract_slices(path, model.slice_cfg)
-        row.update(score_slices(model, sl, batch_size))
+        row.update(score_slices(model, sl, batch_size, voxel_mm=info["voxel_mm"], planes=planes))
         row["n_slices"] = int(info["n_slices"])
     except Exception as exc:  # one bad file must never stop the batch
         log.warning("scoring failed for %s: %s", path, _error_text(exc))
         row.update({"status": "failed", "error": _error_text(exc), "score": np.nan, "score_learned": np.nan,
-                    "n_slices": 0})
+                    "n_slices": 0, "score_planes": ""})
         for h in HEADS:
             row[f"severity_{h}"] = np.nan
         for c in CHECK_COLUMNS:
@@ -176,13 +231,16 @@ def score_volumes(
     batch_size: int = 64,
     device: str = "auto",
     threads: int | None = None,
+    planes: str = "acquisition",
 ) -> pd.DataFrame:
     """Score many volumes with one model (a loaded encoder, or a model directory loaded once here).
 
     Returns a DataFrame with one row per input path, columns :func:`score_columns` (``path, status, error,
-    score, score_learned, severity_<head> ×5, severity_clipping, saturation, latent_0..k-1, n_slices,
-    seconds``).
+    score, score_learned, severity_<head> ×5, severity_clipping, saturation, score_planes, latent_0..k-1,
+    n_slices, seconds``). ``planes``: how thick-slice acquisitions are graded (:func:`score_slices`).
     """
+    if planes not in PLANES:
+        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
     if threads:
         torch.set_num_threads(int(threads))
     if not isinstance(model, torch.nn.Module):
@@ -198,7 +256,7 @@ def score_volumes(
     rows = []
     paths = list(paths)
     for i, p in enumerate(track(paths, desc="score", unit="volume")):
-        rows.append(score_volume(model, p, batch_size))
+        rows.append(score_volume(model, p, batch_size, planes=planes))
         r = rows[-1]
         log.debug("[%d/%d] %s: %s score=%s (%.2fs)", i + 1, len(paths), p, r["status"],
                   "nan" if r["status"] != "ok" else f"{r['score']:.3f}", r["seconds"])
@@ -229,9 +287,9 @@ def read_path_list(list_file: str | os.PathLike) -> list[str]:
 
 
 def score_to_file(model_dir: str, paths: Sequence[str], out: str, batch_size: int = 64, device: str = "auto",
-                  threads: int | None = None) -> pd.DataFrame:
+                  threads: int | None = None, planes: str = "acquisition") -> pd.DataFrame:
     """Load the model once, score ``paths`` and write ``out`` (.parquet, or .tsv/.csv by suffix)."""
-    df = score_volumes(model_dir, paths, batch_size=batch_size, device=device, threads=threads)
+    df = score_volumes(model_dir, paths, batch_size=batch_size, device=device, threads=threads, planes=planes)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".tsv"):
         df.to_csv(out, sep="\t", index=False)

@@ -56,6 +56,7 @@ ROW_DOCS = {
     "score_learned": "the encoder's own score of the corrupted volume",
     "severity_clipping": "measured intensity-clipping severity in [0,1] (artifactqc.encoder.saturation)",
     "saturation": "fraction of head pixels on the upper intensity plateau (the clipping check's measure)",
+    "score_planes": "slices the score came from: all, or the acquisition planes of a thick-slice scan (score.planes)",
     "iqm_status": "ok or failed (IQMs could not be computed; see iqm_error)",
     "params": "simulator parameters and random draws (JSON)",
     "seconds": "wall seconds for simulation + scoring + IQMs",
@@ -125,7 +126,7 @@ def reference_volumes(
     return pd.concat(picks, ignore_index=True)
 
 
-def _measure(model, data, affine, contrast, use_n4, seed) -> dict:
+def _measure(model, data, affine, contrast, use_n4, seed, planes: str = "acquisition") -> dict:
     """Encoder outputs and IQMs of one (possibly corrupted) volume."""
     from . import iqm
     from ..encoder.score import score_slices
@@ -134,7 +135,7 @@ def _measure(model, data, affine, contrast, use_n4, seed) -> dict:
     row: dict = {}
     t0 = time.perf_counter()
     sl, info = extract_from_array(data, affine, model.slice_cfg)
-    row.update(score_slices(model, sl))
+    row.update(score_slices(model, sl, voxel_mm=info["voxel_mm"], planes=planes))
     row["n_slices"] = int(info["n_slices"])
     row["score_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -158,6 +159,7 @@ def simulated_rows(
     severities: Sequence[float],
     seed: int = 0,
     use_n4: bool = True,
+    planes: str = "acquisition",
 ) -> pd.DataFrame:
     """One row per (reference volume, artifact, severity): the score, the five severity heads, the IQMs and
     the simulator's parameters (``params`` as JSON). See the module docstring."""
@@ -179,11 +181,11 @@ def simulated_rows(
                 t0 = time.perf_counter()
                 if s == 0.0:
                     if clean is None:
-                        clean = _measure(model, data, vol.affine, ref.contrast, use_n4, seed)
+                        clean = _measure(model, data, vol.affine, ref.contrast, use_n4, seed, planes)
                     vals, params = clean, {"artifact": art, "severity": 0.0}
                 else:
                     corrupted, params = simulate_volume(data, art, s, seed=ladder_seed, spacing=vol.zooms)
-                    vals = _measure(model, corrupted, vol.affine, ref.contrast, use_n4, seed)
+                    vals = _measure(model, corrupted, vol.affine, ref.contrast, use_n4, seed, planes)
                 rows.append({**base, "artifact": art, "severity": s, "seed": ladder_seed, **vals,
                              "params": json.dumps(params, default=str), "seconds": time.perf_counter() - t0})
                 log.info("%s %s %.2f: score %.3f (%.1f s)", ref.volume_id, art, s, vals["score"],
@@ -232,6 +234,7 @@ def simulate_contrast(
     seed: int = 0,
     use_n4: bool = True,
     device: str = "auto",
+    planes: str = "acquisition",
 ) -> pd.DataFrame:
     """The simulated rows of one contrast (rule ``compare_simulate``, one job per contrast); no rows when the
     contrast has no ok, unflagged volume."""
@@ -241,7 +244,7 @@ def simulate_contrast(
     if refs.empty:
         return pd.DataFrame(columns=list(ROW_DOCS))
     model = load_model(model_dir, device=device)
-    return simulated_rows(model, refs, artifacts, severities, seed=seed, use_n4=use_n4)
+    return simulated_rows(model, refs, artifacts, severities, seed=seed, use_n4=use_n4, planes=planes)
 
 
 def summarise(parts: Iterable[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, str]:

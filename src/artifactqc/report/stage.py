@@ -84,7 +84,7 @@ def ruler_reference(scores: pd.DataFrame, contrast: str, flag_col: str = "flagge
 
 
 def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_SEVERITIES, seed: int = 0,
-                batch_size: int = 64) -> list[tuple[float, np.ndarray, float]]:
+                batch_size: int = 64, planes: str = "acquisition") -> list[tuple[float, np.ndarray, float]]:
     """``[(severity, display image, volume score), …]`` for :func:`artifactqc.report.figures.plot_image_ruler`.
 
     The volume (brought to ~[0, 1] by a pure scale as for training, :func:`artifactqc.encoder.slices.scale_for_simulation`)
@@ -108,16 +108,16 @@ def ruler_rungs(model, path, artifact: str, severities: Sequence[float] = RULER_
     rungs = []
     for s in severities:
         corrupted, _ = simulate_volume(data, artifact, float(s), seed=int(seed), spacing=vol.zooms)
-        sl, _ = extract_from_array(corrupted, vol.affine, model.slice_cfg)
+        sl, info = extract_from_array(corrupted, vol.affine, model.slice_cfg)
         mid = 2 * n_ax + n_ax // 2 if sl.shape[0] >= 3 * n_ax else sl.shape[0] // 2
-        score = score_slices(model, sl, batch_size)["score"]
+        score = score_slices(model, sl, batch_size, voxel_mm=info["voxel_mm"], planes=planes)["score"]
         rungs.append((float(s), np.clip(np.rot90(sl[mid], -1), 0, 1), float(score)))
     return rungs
 
 
 def plot_rulers(scores: pd.DataFrame, model_dir, out_dir, artifacts: Iterable[str] = RULER_ARTIFACTS,
                 severities: Sequence[float] = RULER_SEVERITIES, threshold: float = 1.0, seed: int = 0,
-                device: str = "auto", flag_col: str = "flagged") -> list[Path]:
+                device: str = "auto", flag_col: str = "flagged", planes: str = "acquisition") -> list[Path]:
     """One image ruler per (contrast, artifact): ``<out_dir>/ruler_<contrast>_<artifact>.png``, with the
     flagged volumes of that contrast placed on the score axis."""
     from . import figures
@@ -136,7 +136,7 @@ def plot_rulers(scores: pd.DataFrame, model_dir, out_dir, artifacts: Iterable[st
         sub = scores[(scores["contrast"].astype(str) == contrast) & (scores["status"].astype(str) == "ok")]
         flagged = sub[sub[flag_col].fillna(False).astype(bool)] if flag_col in sub else sub.iloc[:0]
         for art in artifacts:
-            rungs = ruler_rungs(model, ref["path"], art, severities, seed=seed)
+            rungs = ruler_rungs(model, ref["path"], art, severities, seed=seed, planes=planes)
             out = out_dir / f"ruler_{_safe(contrast)}_{_safe(art)}.png"
             figures.plot_image_ruler(rungs, out, art, contrast=f"{contrast}, reference {ref['volume_id']}",
                                     flagged=flagged[["volume_id", "score"]], threshold=threshold)
@@ -165,6 +165,7 @@ def make_report_figures(
     ruler_severities: Sequence[float] = RULER_SEVERITIES,
     seed: int = 0,
     device: str = "auto",
+    planes: str = "acquisition",
 ) -> dict[str, list[Path]]:
     """Every report figure (see the module docstring); returns the written paths by kind."""
     from . import figures
@@ -178,7 +179,7 @@ def make_report_figures(
     Path(thumbnails_dir).mkdir(parents=True, exist_ok=True)
     out["thumbnails"] = figures.plot_thumbnail_strips(scores, thumbnails_dir, k=thumbnails_k)
     out["rulers"] = plot_rulers(scores, model_dir, rulers_dir, ruler_artifacts, ruler_severities,
-                                threshold=threshold, seed=seed, device=device)
+                                threshold=threshold, seed=seed, device=device, planes=planes)
     return out
 
 
