@@ -105,6 +105,8 @@ BUDGETS = {
     "proxy": {"epochs": 6, "steps_per_epoch": 25, "pool_refresh": 6, "max_minutes": 90.0, "eval_volumes": 3},
     "screen": {"epochs": 12, "steps_per_epoch": 50, "pool_refresh": 10, "max_minutes": 60.0, "eval_volumes": 3},
     "full": {"epochs": 24, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0, "eval_volumes": 6},
+    # twice the full budget (the builtin model's): does a longer training transfer better?
+    "long": {"epochs": 48, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0, "eval_volumes": 6},
 }
 #: the shipped model's budget (``builtin`` step: every usable volume trains, no fold held out)
 BUILTIN_BUDGET = {"epochs": 48, "steps_per_epoch": 50, "pool_refresh": 15, "max_minutes": 150.0}
