@@ -24,6 +24,7 @@ Steps (cached per fold under ``benchmarks/crosssite/cache/<fold>/``, gitignored,
     python benchmarks/crosssite/run.py cache clinical2d --budget proxy  # only the evaluation cache of a fold
     python benchmarks/crosssite/run.py proxy                            # the two proxy folds, proxy budget
     python benchmarks/crosssite/run.py table --budget proxy             # results.md / results.json
+    python benchmarks/crosssite/run.py thick                            # builtin model on the clean 2D scans
 
 ``--tag NAME`` keeps a variant's models and metrics apart (``cache/<fold>/<budget>-<tag>/``); ``--train JSON``
 passes further ``train_encoder`` arguments (the idea under test). The simulated evaluation slices do not
@@ -667,9 +668,45 @@ def write_md(path: Path, res: dict) -> None:
     path.write_text("\n".join(L) + "\n")
 
 
+def cmd_thick(args, data: Path) -> dict:
+    """The clean thick-slice (2D) development scans, none of which the builtin model trained on, scored by the
+    builtin model on all orientations and on their acquisition planes -> thick_builtin.md / .json."""
+    from artifactqc.encoder.score import score_volumes
+
+    inv = inventory(data)
+    th = inv[inv.thick].reset_index(drop=True)
+    heads = [f"severity_{h}" for h in HEADS if h != "resolution"]
+    rows, summary = {}, {}
+    for planes in ("all", "acquisition"):
+        df = score_volumes("builtin", [str(data / f) for f in th.file], threads=args.threads, planes=planes)
+        nonres = df[heads].max(axis=1)
+        summary[planes] = {"n": len(df), "median": float(df.score.median()), "max": float(df.score.max()),
+                           "below_0.5": float((df.score < 0.5).mean()), "below_1": float((df.score < 1).mean()),
+                           "nonresolution_heads_below_0.5": float((nonres < 0.5).mean())}
+        rows[planes] = df.score.round(3).tolist()
+    res = {"files": th.file.tolist(), "contrast": th.contrast.tolist(), "site": th.site.tolist(), "score": rows,
+           "summary": summary}
+    (HERE / "thick_builtin.json").write_text(json.dumps(res, indent=2))
+    L = ["# Clean thick-slice scans scored by the builtin model: all orientations vs acquisition planes", "",
+         "Every thick-slice (2D) scan of the development data (largest/smallest voxel side >= 1.9; the builtin model "
+         "never trained on them), as stored. `all` = every orientation (the scorer before 2026-12-03), `acquisition` "
+         "= score and non-resolution severities from the acquisition planes (`score.planes: acquisition`, the "
+         "default). Reproduce: `python benchmarks/crosssite/run.py thick`.", "",
+         "| planes | n | median | max | share < 0.5 | share < 1 | non-resolution heads all < 0.5 |", "|---|---|---|---|---|---|---|"]
+    for k, v in summary.items():
+        L.append(f"| {k} | {v['n']} | {v['median']:.2f} | {v['max']:.2f} | {v['below_0.5']:.2f} | {v['below_1']:.2f} | "
+                 f"{v['nonresolution_heads_below_0.5']:.2f} |")
+    L += ["", "| scan | contrast | site | score (all) | score (acquisition) |", "|---|---|---|---|---|"]
+    for i, f in enumerate(th.file):
+        L.append(f"| {Path(f).name} | {th.contrast[i]} | {th.site[i]} | {rows['all'][i]:.2f} | {rows['acquisition'][i]:.2f} |")
+    (HERE / "thick_builtin.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L[:8]))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds", "builtin"])
+    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds", "builtin", "thick"])
     ap.add_argument("fold", nargs="?", choices=list(FOLDS))
     H.add_data_arg(ap, default=None)
     ap.add_argument("--budget", choices=list(BUDGETS), default="full")
@@ -700,6 +737,9 @@ def main(argv=None) -> int:
         if not args.out:
             sys.exit("run.py builtin --out FOLDER [--training-data n4sr --train JSON --tag NAME]")
         cmd_builtin(args, data)
+        return 0
+    if args.step == "thick":  # the builtin model on the clean thick-slice scans, both planes policies
+        cmd_thick(args, data)
         return 0
     if args.step == "prep":  # N4 (+ super-resolution) of every usable volume, for --training-data n4sr
         prep_volumes(data, inventory(data).file.tolist())
