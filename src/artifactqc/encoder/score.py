@@ -17,7 +17,7 @@ and per-slice outputs are aggregated to the volume:
 default). A volume whose file geometry has one voxel side at least :data:`THICK_RATIO` times both others
 (e.g. 0.9 x 0.9 x 5 mm, the 2D protocols of clinical sites) shows the blur of its thick slices in two of the
 three orientations: that is the protocol, not an artifact, and scoring every orientation gives every such
-scan a high score (measured on the clinical 2D fold of ``benchmarks/crosssite``: clean FLAIRs 1.1-1.8). Such
+scan a high score (the builtin model's clean 2D FLAIRs: 1.6-2.0, ``benchmarks/crosssite/thick_builtin.md``). Such
 a volume's score and non-resolution severities come from the slices parallel to its acquisition planes only
 (the same per-slice outputs, pooled as if the three orientations were those planes); ``severity_resolution``
 and the latent (so the density flow) keep every orientation, so the resolution of the protocol is still
