@@ -25,6 +25,7 @@ Steps (cached per fold under ``benchmarks/crosssite/cache/<fold>/``, gitignored,
     python benchmarks/crosssite/run.py proxy                            # the two proxy folds, proxy budget
     python benchmarks/crosssite/run.py table --budget proxy             # results.md / results.json
     python benchmarks/crosssite/run.py thick                            # builtin model on the clean 2D scans
+    python benchmarks/crosssite/run.py ensemble --budget full            # average each fold's seed runs
 
 ``--tag NAME`` keeps a variant's models and metrics apart (``cache/<fold>/<budget>-<tag>/``); ``--train JSON``
 passes further ``train_encoder`` arguments (the idea under test). The simulated evaluation slices do not
@@ -668,6 +669,39 @@ def write_md(path: Path, res: dict) -> None:
     path.write_text("\n".join(L) + "\n")
 
 
+def cmd_ensemble(args, data: Path, fold: str) -> dict:
+    """Screen a seed ensemble without training: every finished seed run of a fold variant scores the evaluation
+    cache, the members' learned scores and severities are averaged (the clipping check is the same for all),
+    and the metrics go to the ``<variant>-ensemble`` folder, so ``table --tag <tag>-ensemble`` (``ensemble`` for
+    the baseline) tabulates them like any variant."""
+    from artifactqc.encoder.checkpoint import load_model
+    from artifactqc.encoder.saturation import combined_score
+
+    base = variant_dir(fold, args.budget, args.tag)
+    members = [d for d in [base, *sorted(base.parent.glob(base.name + "-s*"))] if (d / "model" / "model.json").is_file()]
+    if len(members) < 2:
+        sys.exit(f"ensemble of fold {fold}: needs at least two seed runs under {base}[-s<k>], found {len(members)}")
+    z = np.load(CACHE / fold / f"eval-{BUDGETS[args.budget]['eval_volumes']}.npz")
+    meta = [json.loads(s_) for s_ in z["meta"]]
+    vox = row_voxel_mm(data, meta)
+    scored = [score_cache(load_model(d / "model", device="cpu"), z["X"], vox, args.planes) for d in members]
+    learned = [k for k in scored[0][0] if k == "score_learned" or (k.startswith("severity_") and k != "severity_clipping")]
+    rows = []
+    for per_member in zip(*scored):
+        r = dict(per_member[0]) | {k: float(np.mean([m[k] for m in per_member])) for k in learned}
+        r["score"] = combined_score(r["score_learned"], r["severity_clipping"])
+        rows.append(r)
+    res = fold_metrics(meta, rows) | {"fold": fold, "budget": args.budget, "tag": f"{args.tag}-ensemble", "seed": 0,
+                                      "planes": args.planes, "held_out_sites": fold_split(data, fold)["held_out_sites"],
+                                      "members": [d.name for d in members], "train": {"ensemble_of": [d.name for d in members]}}
+    out = base.with_name(base.name + "-ensemble")
+    out.mkdir(exist_ok=True)
+    (out / metrics_name(args.planes)).write_text(json.dumps(res, indent=2))
+    log.info("fold %s ensemble of %s: AUROC %.3f, r %.3f", fold, res["members"], res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"],
+             res["quality_mean"]["pearson_overall"])
+    return res
+
+
 def cmd_thick(args, data: Path) -> dict:
     """The clean thick-slice (2D) development scans, none of which the builtin model trained on, scored by the
     builtin model on all orientations and on their acquisition planes -> thick_builtin.md / .json."""
@@ -706,7 +740,8 @@ def cmd_thick(args, data: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds", "builtin", "thick"])
+    ap.add_argument("step", choices=["fold", "cache", "prep", "proxy", "all", "table", "folds", "builtin", "thick",
+                                     "ensemble"])
     ap.add_argument("fold", nargs="?", choices=list(FOLDS))
     H.add_data_arg(ap, default=None)
     ap.add_argument("--budget", choices=list(BUDGETS), default="full")
@@ -747,6 +782,10 @@ def main(argv=None) -> int:
     if args.step == "cache":  # only the (model-independent) evaluation cache of a fold
         n = BUDGETS[args.budget]["eval_volumes"]
         build_eval_cache(data, args.fold, n, CACHE / args.fold / f"eval-{n}.npz")
+        return 0
+    if args.step == "ensemble":  # average the seed runs of a variant (scoring only)
+        for f in [args.fold] if args.fold else FOLDS:
+            cmd_ensemble(args, data, f)
         return 0
     if args.step == "fold":
         if not args.fold:
