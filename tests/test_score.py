@@ -197,3 +197,15 @@ def test_cli_score_planes_option(model_dir, tmp_path):
         out = tmp_path / f"{planes}.parquet"
         assert cli.main(["score", path, "--model", str(model_dir), "--out", str(out), "--planes", planes]) == 0
         assert pd.read_parquet(out)["score_planes"].tolist() == [want]
+
+
+def test_canonical_voxel_sizes_follow_the_scorer_axis_order():
+    """io.canonical_voxel_sizes (used to find a file's acquisition axis without extracting slices) agrees with
+    the voxel sizes the slice extraction reports, for a permuted and flipped grid."""
+    from artifactqc import io
+
+    aff = np.array([[0.0, 0.0, -1.0, 90], [-2.0, 0.0, 0.0, 100], [0.0, 5.0, 0.0, -60], [0, 0, 0, 1]])
+    assert io.canonical_voxel_sizes(aff).tolist() == [1.0, 2.0, 5.0]
+    _, info = slices.extract_from_array(_vol(3, (24, 20, 28)), aff, slices.SliceConfig(image_size=32, pixel_mm=4.0,
+                                                                                         slices_per_axis=3))
+    assert info["voxel_mm"] == [1.0, 2.0, 5.0]

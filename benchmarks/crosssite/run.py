@@ -347,9 +347,7 @@ def row_voxel_mm(data: Path, meta: list[dict]) -> list[list[float]]:
             out.append([1.5, 1.5, 1.5])
             continue
         if m["volume"] not in by_file:
-            a = nib.load(str(data / m["volume"])).affine
-            order = [int(np.nonzero(nib.orientations.io_orientation(a)[:, 0] == c)[0][0]) for c in range(3)]
-            by_file[m["volume"]] = [float(z) for z in io.voxel_sizes(a)[order]]
+            by_file[m["volume"]] = io.canonical_voxel_sizes(nib.load(str(data / m["volume"])).affine).tolist()
         out.append(by_file[m["volume"]])
     return out
 

@@ -240,6 +240,13 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
+def canonical_voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths (mm) in the closest RAS+ axis order (the order of :func:`to_canonical`)."""
+    ornt = nib.orientations.io_orientation(affine)
+    order = [int(np.nonzero(ornt[:, 0] == c)[0][0]) for c in range(3)]
+    return voxel_sizes(affine)[order]
+
+
 def foreground_mask(data: np.ndarray) -> np.ndarray:
     """Voxels above a low threshold of the positive intensities (head vs. air, roughly)."""
     pos = data[data > 0]
