@@ -145,6 +145,11 @@ def volume_outputs(model: torch.nn.Module, pred: dict) -> dict:
                 o["latent"][0].float().cpu().numpy())
 
 
+def _check_planes(planes: str) -> None:
+    if planes not in PLANES:
+        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+
+
 def acquisition_axis(voxel_mm, ratio: float = THICK_RATIO) -> int | None:
     """The canonical axis along which a thick-slice acquisition's slices are stacked (its one voxel side at
     least ``ratio`` times both others), or ``None`` for a 3D acquisition (or two thick sides)."""
@@ -184,8 +189,7 @@ def score_slices(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 6
     planes of a thick-slice acquisition (module docstring; ``score_planes`` records it; without ``voxel_mm``
     every orientation is used). Every scoring path (cohort rows, image rulers, the simulated-artifact
     comparison) goes through here."""
-    if planes not in PLANES:
-        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+    _check_planes(planes)
     axis = acquisition_axis(voxel_mm) if planes == "acquisition" and voxel_mm is not None else None
     out = predict_volume(model, slices, batch_size, device, inplane_axis=axis)
     out["score_planes"] = "all" if axis is None else ORIENTATIONS[axis]
@@ -239,8 +243,7 @@ def score_volumes(
     score, score_learned, severity_<head> ×5, severity_clipping, saturation, score_planes, latent_0..k-1,
     n_slices, seconds``). ``planes``: how thick-slice acquisitions are graded (:func:`score_slices`).
     """
-    if planes not in PLANES:
-        raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
+    _check_planes(planes)
     if threads:
         torch.set_num_threads(int(threads))
     if not isinstance(model, torch.nn.Module):
