@@ -575,6 +575,65 @@ def test_resample_augmentation_skips_thick_slice_volumes():
         assert out.shape == data.shape and spacing == (1.0, 1.0, 5.0)
 
 
+def test_thick_acquisition_keeps_extent_and_integrates_slabs():
+    """The thick-slice acquisition keeps the in-plane grid, puts 3-6 mm slices on their own grid inside the
+    volume's extent, and each slice integrates its slab: a step edge across the slice axis becomes a ramp
+    one slice wide, a smooth volume is unchanged in its mean."""
+    from artifactqc.training.augment import thick_acquisition
+
+    data = np.zeros((20, 22, 60), np.float32)
+    data[..., 30:] = 1.0  # step edge along the last axis at 29.5 mm
+    seen = set()
+    for seed in range(12):
+        out, spacing, desc = thick_acquisition(data, (1.0, 1.0, 1.0), np.random.default_rng(seed))
+        axis = int(desc[5])
+        seen.add(axis)
+        assert 3.0 <= spacing[axis] <= 6.0 and all(spacing[a] == 1.0 for a in range(3) if a != axis)
+        assert [n for a, n in enumerate(out.shape) if a != axis] == [n for a, n in enumerate(data.shape) if a != axis]
+        assert (out.shape[axis] - 1) * spacing[axis] <= data.shape[axis] - 1
+        profile = out.mean(axis=tuple(a for a in range(3) if a != axis))
+        if axis == 2:  # across the edge: monotone, at most two slices between 0 and 1
+            assert np.all(np.diff(profile) >= -1e-6) and ((profile > 0.02) & (profile < 0.98)).sum() <= 2
+        else:  # along the edge: every slice has the same mean as the volume
+            np.testing.assert_allclose(profile, data.mean(), atol=1e-5)
+    assert seen == {0, 1, 2}
+    same, spacing, desc = thick_acquisition(data, (1.0, 1.0, 4.0), np.random.default_rng(3))
+    if desc == "":  # a voxel already half as thick as the drawn slice: unchanged
+        assert same is data and spacing == (1.0, 1.0, 4.0)
+
+
+def test_thick_pool_entry_keeps_its_acquisition_planes():
+    """A thick-slice training item keeps only the slices parallel to its acquisition planes (the scorer's
+    planes for such a volume), never draws anisotropy alone, and ``thick=0`` makes no extra random draw."""
+    from artifactqc.encoder.score import acquisition_axis
+    from artifactqc.training.augment import _augment_volume
+    from artifactqc.training.pool import make_pool_entry
+    from artifactqc.training.volumes import _CleanVolume
+
+    cfg = slices.SliceConfig(image_size=32, pixel_mm=2.0, slices_per_axis=4)
+    data = io.normalize_intensity(_phantom((48, 52, 44)))
+    v = _CleanVolume("toy", data, (1.0, 1.0, 1.0))
+    arts = []
+
+    def sim(d, a, s, seed, spacing):
+        arts.append(a)
+        return _toy_sim(d, a, s, seed, spacing)
+
+    for seed in range(4):
+        e = make_pool_entry(v, "anisotropy", 0.6, seed, cfg, sim, contrast=0, mask=0, resample=0, thick=1.0,
+                            dtype=torch.float32)
+        axis = int(e["augment"].split("thick")[1][0])
+        assert set(e["axis"].tolist()) == {axis} and len(e["axis"]) >= 2
+        assert arts[-1] != "anisotropy" and e["artifact"] == arts[-1]
+        _, spacing, _ = _augment_volume(v, np.random.default_rng(seed), 0, 0, 0, 1.0)
+        assert acquisition_axis(spacing) == axis
+    plain = make_pool_entry(v, "anisotropy", 0.6, 5, cfg, sim, contrast=0, mask=0, resample=0, dtype=torch.float32)
+    assert set(plain["axis"].tolist()) == {0, 1, 2} and arts[-1] == "anisotropy"
+    a = _augment_volume(v, np.random.default_rng(7), 0.5, 0.5, 0.5)
+    b = _augment_volume(v, np.random.default_rng(7), 0.5, 0.5, 0.5, 0.0)
+    assert a[2] == b[2] and np.array_equal(a[0], b[0])
+
+
 def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):
     paths, _ = toy_cohort
     m = _train(tmp_path / "g", paths, epochs=1, batch_size=7, slice_group=2, val_volumes=[str(paths[0])])

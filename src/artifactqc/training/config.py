@@ -14,6 +14,10 @@ TRAIN_ARTIFACTS = ("noise", "ghosting", "bias", "anisotropy", "motion", "mix")
 #: extraction: SSIM 0.76 at SS 1, v3 Spearman 0.58), every other type once.
 POOL_ARTIFACTS = ("noise", "ghosting", "bias", "anisotropy", "motion", "motion", "mix")
 
+#: What a thick-slice training item draws instead of ``anisotropy`` (thicker slices along the acquisition's own
+#: slice axis do not show on the acquisition planes the item is graded on).
+THICK_ARTIFACTS = ("noise", "ghosting", "bias", "motion")
+
 
 @dataclass
 class TrainConfig:
@@ -28,7 +32,9 @@ class TrainConfig:
     (oldest out) for ``sim_time_fraction`` of the wall time (e.g. 0.45: 45 % simulating, 55 % training), or by
     exactly ``pool_refresh`` volumes when that is set (deterministic). Volume augmentations before the
     simulation: ``contrast_augment`` (tissue remapping or gamma/inversion), ``mask_augment`` (skull-stripped
-    look), ``resample_augment`` (random 1.0–1.7 mm grid); see :mod:`artifactqc.training.augment`.
+    look), ``resample_augment`` (random 1.0–1.7 mm grid), ``thick_augment`` (a 2D protocol's 3–6 mm slices on
+    their own grid; such an item keeps only its acquisition-plane slices, as the scorer grades it; off by
+    default); see :mod:`artifactqc.training.augment`.
     ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the cheap 2D simulator on
     the clean slices (off by default). ``slice_group`` > 1 draws each batch as groups of that many triplets
     from one corrupted volume and puts the severity terms of the loss on the group means (see
@@ -91,6 +97,7 @@ class TrainConfig:
     contrast_augment: float = 0.6
     mask_augment: float = 0.3
     resample_augment: float = 0.5
+    thick_augment: float = 0.0
     slice_sim_fraction: float = 0.0
     slice_group: int = 1
     bn_recalib_batches: int = 6
@@ -109,7 +116,7 @@ class TrainConfig:
     init: str | None = None
 
     def __post_init__(self):
-        for name in ("render_pairs", "rank_pairs", "pair_batch"):
+        for name in ("render_pairs", "rank_pairs", "pair_batch", "thick_augment"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.render_pairs + self.rank_pairs > 1.0:
@@ -139,7 +146,7 @@ class TrainConfig:
         keys = ("val_fraction", "epochs", "batch_size", "lr", "seed", "patience", "image_size", "pixel_mm",
                 "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
-                "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
+                "thick_augment", "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
                 "rank_margin", "rank_heads", "pair_batch", "pair_planes", "init")
         d = {k: getattr(self, k) for k in keys}

@@ -206,7 +206,8 @@ def _initial_pool(tr_vols, simulate_fn, run: _Run) -> _Pool:
     """The training pool, first filled with ``pool_init_per_volume`` corrupted volumes per training volume
     (at most 35 % of the remaining time when ``max_minutes`` is set)."""
     cfg = run.cfg
-    aug = {"contrast": cfg.contrast_augment, "mask": cfg.mask_augment, "resample": cfg.resample_augment}
+    aug = {"contrast": cfg.contrast_augment, "mask": cfg.mask_augment, "resample": cfg.resample_augment,
+           "thick": cfg.thick_augment}
     if cfg.pairs:
         pool = _PairPool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug, cfg.render_pairs,
                          cfg.rank_pairs)

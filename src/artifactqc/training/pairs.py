@@ -39,6 +39,7 @@ import torch
 
 from ..encoder.slices import extract_from_array, scale_for_simulation, subsample_step
 from .augment import _augment_volume
+from .config import THICK_ARTIFACTS
 from .pool import _entry, _keep_slices, _Pool, _simulate_volume
 from .volumes import _CleanVolume, _usable
 
@@ -216,17 +217,20 @@ def make_twin_entries(v: _CleanVolume, artifact: str, severity: float, seed: int
 
 
 def make_rank_entries(v: _CleanVolume, artifact: str, severities: tuple[float, float], seed: int, cfg, sim_fn=None,
-                      contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, dtype=torch.float16):
-    """Two pool entries of one augmented clean volume with the same artifact type and simulator seed at two
-    severities (lower first), sharing the clean slices and the kept planes. Returns ``(entry_lo, entry_hi,
-    info)``."""
+                      contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, thick: float = 0.0,
+                      dtype=torch.float16):
+    """Two pool entries of one augmented clean volume (``thick``: see :func:`make_pool_entry`) with the same
+    artifact type and simulator seed at two severities (lower first), sharing the clean slices and the kept
+    planes. Returns ``(entry_lo, entry_hi, info)``."""
     rng = np.random.default_rng(seed)
-    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample)
+    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample, thick)
+    if "thick" in aug and artifact == "anisotropy":
+        artifact = str(rng.choice(THICK_ARTIFACTS))
     sim_seed = int(rng.integers(0, 2**31 - 1))
     sim = sim_fn or _simulate_volume
     axes = np.repeat(np.arange(3), cfg.slices_per_axis)
     clean_s = _extract(data, spacing, cfg)
-    keep = _keep_slices(_usable(clean_s), axes)
+    keep = _keep_slices(_usable(clean_s), axes, spacing)
     entries, params = [], []
     for s in sorted(float(x) for x in severities):
         corrupted, p = sim(data, artifact, s, sim_seed, spacing)

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from ..encoder.network import HEADS
+from ..encoder.score import acquisition_axis
 from ..encoder.slices import SliceConfig, extract_from_array
 from .augment import _augment_volume
-from .config import POOL_ARTIFACTS
+from .config import POOL_ARTIFACTS, THICK_ARTIFACTS
 from .volumes import _CleanVolume, _usable
 
 
@@ -38,7 +39,7 @@ def _simulate_volume(data, artifact, severity, seed, spacing, match_ssim: bool =
 
 def make_pool_entry(
     v: _CleanVolume, artifact: str, severity: float, seed: int, cfg: SliceConfig, sim_fn=None,
-    contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, dtype=torch.float16,
+    contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, thick: float = 0.0, dtype=torch.float16,
 ) -> dict:
     """One training item on the inference path: augment the clean volume, corrupt it in 3D at its native
     resolution (``simulate.simulate_volume``), and extract the slices of the clean and of the corrupted
@@ -49,19 +50,31 @@ def make_pool_entry(
     ``severity``, ``targets`` [5] (per-head severities, :data:`HEADS` order) and ``artifact``.
     """
     rng = np.random.default_rng(seed)
-    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample)
+    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample, thick)
+    if "thick" in aug and artifact == "anisotropy":  # not visible on the acquisition planes if along the slices
+        artifact = str(rng.choice(THICK_ARTIFACTS))
     sim = sim_fn or _simulate_volume
     corrupted, params = sim(data, artifact, float(severity), int(rng.integers(0, 2**31 - 1)), spacing)
     aff = np.diag([*spacing, 1.0])
     clean_s, _ = extract_from_array(data, aff, cfg)
     corr_s, _ = extract_from_array(corrupted, aff, cfg)
     axes = np.repeat(np.arange(3), cfg.slices_per_axis)
-    keep = _keep_slices(_usable(clean_s), axes)
+    keep = _keep_slices(_usable(clean_s), axes, spacing)
     return _entry(clean_s, corr_s, axes, keep, severity, params, artifact, aug, v.path, dtype)
 
 
-def _keep_slices(usable: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """The slices an entry keeps: the usable ones, or all when fewer than 2 in two orientations are usable."""
+def _keep_slices(usable: np.ndarray, axes: np.ndarray, spacing=None) -> np.ndarray:
+    """The slices an entry keeps: the usable ones, or all when fewer than 2 in two orientations are usable.
+
+    A thick-slice volume (``spacing``, :func:`artifactqc.encoder.score.acquisition_axis`) keeps only the
+    slices parallel to its acquisition planes, the ones the scorer grades it on (the usable ones, or all of
+    them when fewer than 2 are usable): its other orientations show the protocol's slice thickness, which is
+    not an artifact and not what its score is made of.
+    """
+    inplane = None if spacing is None else acquisition_axis(spacing)
+    if inplane is not None:
+        plane = axes == inplane
+        return plane & usable if (plane & usable).sum() >= 2 else plane
     if usable.sum() < 2 or len(np.unique(axes[usable])) < 2:
         return np.ones(len(usable), dtype=bool)
     return usable
