@@ -83,8 +83,10 @@ def thick_acquisition(data: np.ndarray, spacing, rng: np.random.Generator, thick
     back): the slice spacing becomes the new voxel size along that axis. In-plane the volume is unchanged.
 
     This is how a clinical 2D protocol's volume looks *as stored*; the scorer grades such a volume on its
-    acquisition planes (:func:`artifactqc.encoder.score.acquisition_axis`), so training does the same with
-    it (:func:`artifactqc.training.pool.make_pool_entry`). Returns ``(data, spacing, description)``; a volume
+    acquisition planes when its slices are at least 1.9 × its in-plane voxel size
+    (:func:`artifactqc.encoder.score.acquisition_axis`; all but the items whose in-plane grid the resampling
+    augmentation coarsened to more than 1.6 mm), and training keeps the same planes
+    (:func:`artifactqc.training.pool.make_pool_entry`). Returns ``(data, spacing, description)``; a volume
     whose voxel along the drawn axis is already at least half the drawn thickness is returned unchanged
     (``description`` ``""``).
     """

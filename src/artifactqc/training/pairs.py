@@ -39,8 +39,7 @@ import torch
 
 from ..encoder.slices import extract_from_array, scale_for_simulation, subsample_step
 from .augment import _augment_volume
-from .config import THICK_ARTIFACTS
-from .pool import _entry, _keep_slices, _Pool, _simulate_volume
+from .pool import _entry, _graded_artifact, _keep_slices, _Pool, _simulate_volume
 from .volumes import _CleanVolume, _usable
 
 #: Foreground threshold of the scaled volumes (as :func:`artifactqc.training.augment._tissue_remap`): below it
@@ -224,8 +223,7 @@ def make_rank_entries(v: _CleanVolume, artifact: str, severities: tuple[float, f
     planes. Returns ``(entry_lo, entry_hi, info)``."""
     rng = np.random.default_rng(seed)
     data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample, thick)
-    if "thick" in aug and artifact == "anisotropy":
-        artifact = str(rng.choice(THICK_ARTIFACTS))
+    artifact = _graded_artifact(artifact, aug, rng)
     sim_seed = int(rng.integers(0, 2**31 - 1))
     sim = sim_fn or _simulate_volume
     axes = np.repeat(np.arange(3), cfg.slices_per_axis)

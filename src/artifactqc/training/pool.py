@@ -51,8 +51,7 @@ def make_pool_entry(
     """
     rng = np.random.default_rng(seed)
     data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample, thick)
-    if "thick" in aug and artifact == "anisotropy":  # not visible on the acquisition planes if along the slices
-        artifact = str(rng.choice(THICK_ARTIFACTS))
+    artifact = _graded_artifact(artifact, aug, rng)
     sim = sim_fn or _simulate_volume
     corrupted, params = sim(data, artifact, float(severity), int(rng.integers(0, 2**31 - 1)), spacing)
     aff = np.diag([*spacing, 1.0])
@@ -61,6 +60,16 @@ def make_pool_entry(
     axes = np.repeat(np.arange(3), cfg.slices_per_axis)
     keep = _keep_slices(_usable(clean_s), axes, spacing)
     return _entry(clean_s, corr_s, axes, keep, severity, params, artifact, aug, v.path, dtype)
+
+
+def _graded_artifact(artifact: str, augment: str, rng: np.random.Generator) -> str:
+    """The artifact a training item simulates: an item made a thick-slice acquisition by the augmentation
+    (``augment``, the description of :func:`_augment_volume`) draws one of :data:`THICK_ARTIFACTS` instead of
+    ``anisotropy``: anisotropy along its slice axis does not show on its acquisition planes, which are what it
+    is graded on (:func:`_keep_slices`). Any other item keeps ``artifact``."""
+    if artifact == "anisotropy" and "thick" in augment:
+        return str(rng.choice(THICK_ARTIFACTS))
+    return artifact
 
 
 def _keep_slices(usable: np.ndarray, axes: np.ndarray, spacing=None) -> np.ndarray:
