@@ -702,7 +702,9 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
 
 def cmd_thick(args, data: Path) -> dict:
     """The clean thick-slice (2D) development scans, none of which the builtin model trained on, scored by the
-    builtin model on all orientations and on their acquisition planes -> thick_builtin.md / .json."""
+    builtin model (or ``--model FOLDER``, e.g. a candidate from the ``builtin`` step) on all orientations and on
+    their acquisition planes -> thick_builtin.md / .json (``thick_<folder name>.md`` / .json for ``--model``)."""
+    from artifactqc.encoder.checkpoint import resolve_model_dir
     from artifactqc.encoder.score import score_volumes
 
     inv = inventory(data)
@@ -710,7 +712,7 @@ def cmd_thick(args, data: Path) -> dict:
     heads = [f"severity_{h}" for h in HEADS if h != "resolution"]
     rows, summary = {}, {}
     for planes in ("all", "acquisition"):
-        df = score_volumes("builtin", [str(data / f) for f in th.file], threads=args.threads, planes=planes)
+        df = score_volumes(args.model, [str(data / f) for f in th.file], threads=args.threads, planes=planes)
         nonres = df[heads].max(axis=1)
         summary[planes] = {"n": len(df), "median": float(df.score.median()), "max": float(df.score.max()),
                            "below_0.5": float((df.score < 0.5).mean()), "below_1": float((df.score < 1).mean()),
@@ -718,12 +720,15 @@ def cmd_thick(args, data: Path) -> dict:
         rows[planes] = df.score.round(3).tolist()
     res = {"files": th.file.tolist(), "contrast": th.contrast.tolist(), "site": th.site.tolist(), "score": rows,
            "summary": summary}
-    (HERE / "thick_builtin.json").write_text(json.dumps(res, indent=2))
-    L = ["# Clean thick-slice scans scored by the builtin model: all orientations vs acquisition planes", "",
+    name = "thick_builtin" if args.model == "builtin" else f"thick_{Path(args.model).name}"
+    res["model"] = json.loads((resolve_model_dir(args.model) / "model.json").read_text())["model_id"]
+    (HERE / f"{name}.json").write_text(json.dumps(res, indent=2))
+    L = [f"# Clean thick-slice scans scored by `{res['model']}`: all orientations vs acquisition planes", "",
          "Every thick-slice (2D) scan of the development data (largest/smallest voxel side >= 1.9; the builtin model "
          "never trained on them), as stored. `all` = every orientation (the scorer before 2026-12-03), `acquisition` "
          "= score and non-resolution severities from the acquisition planes (`score.planes: acquisition`, the "
-         "default). Reproduce: `python benchmarks/crosssite/run.py thick`.", "",
+         "default). Reproduce: `python benchmarks/crosssite/run.py thick"
+         + ("" if args.model == "builtin" else f" --model {args.model}") + "`.", "",
          "| planes | n | median | max | share < 0.5 | share < 1 | non-resolution heads all < 0.5 |", "|---|---|---|---|---|---|---|"]
     for k, v in summary.items():
         L.append(f"| {k} | {v['n']} | {v['median']:.2f} | {v['max']:.2f} | {v['below_0.5']:.2f} | {v['below_1']:.2f} | "
@@ -731,7 +736,7 @@ def cmd_thick(args, data: Path) -> dict:
     L += ["", "| scan | contrast | site | score (all) | score (acquisition) |", "|---|---|---|---|---|"]
     for i, f in enumerate(th.file):
         L.append(f"| {Path(f).name} | {th.contrast[i]} | {th.site[i]} | {rows['all'][i]:.2f} | {rows['acquisition'][i]:.2f} |")
-    (HERE / "thick_builtin.md").write_text("\n".join(L) + "\n")
+    (HERE / f"{name}.md").write_text("\n".join(L) + "\n")
     print("\n".join(L[:8]))
     return res
 
@@ -754,6 +759,7 @@ def main(argv=None) -> int:
                     help="how thick-slice scans are scored (artifactqc.encoder.score; metrics kept per choice)")
     ap.add_argument("--out", default=None, help="builtin: the model folder to write")
     ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
+    ap.add_argument("--model", default="builtin", help="thick: the model to score with (a folder; default the builtin)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.step == "table":
