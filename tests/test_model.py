@@ -577,8 +577,8 @@ def test_resample_augmentation_skips_thick_slice_volumes():
 
 def test_thick_acquisition_keeps_extent_and_integrates_slabs():
     """The thick-slice acquisition keeps the in-plane grid, puts 3-6 mm slices on their own grid inside the
-    volume's extent, and each slice integrates its slab: a step edge across the slice axis becomes a ramp
-    one slice wide, a smooth volume is unchanged in its mean."""
+    volume's extent, and each slice integrates its slab: a step edge across the slice axis becomes a ramp at
+    most two slices wide, and slices along the edge keep the volume's mean."""
     from artifactqc.training.augment import thick_acquisition
 
     data = np.zeros((20, 22, 60), np.float32)
