@@ -461,3 +461,33 @@ def test_mask_box_is_the_grown_bounding_box():
     m[5, 10:12, 3] = m[8, 11, 30] = True
     assert mask_box(m) == (slice(5, 9), slice(10, 12), slice(3, 31))
     assert mask_box(m, 4) == (slice(1, 13), slice(6, 16), slice(0, 35))  # clipped at 0
+
+
+_AXIS_KEY = {"ghosting": "axis", "motion": "phase_encode_axis", "anisotropy": "axis"}
+
+
+@pytest.mark.parametrize("artifact", sorted(_AXIS_KEY))
+def test_thick_slice_volumes_get_artifacts_along_an_in_plane_axis(artifact):
+    """A 2D multi-slice acquisition (one voxel side >= 1.9x the others) has no phase encoding across its
+    slices: ghosting and motion run along an in-plane axis, and so does anisotropy (thicker slices along the
+    thick axis would not show on the acquisition planes it is graded on). A 3D volume keeps all three axes."""
+    v = phantom((24, 24, 24))
+    axes = {sp: {S.simulate_volume(v, artifact, 0.5, seed=s, spacing=sp)[1][_AXIS_KEY[artifact]] for s in range(16)}
+            for sp in ((1.0, 1.0, 1.0), (0.7, 0.7, 4.0), (4.8, 1.0, 1.0))}
+    assert axes[(1.0, 1.0, 1.0)] == {0, 1, 2}
+    assert axes[(0.7, 0.7, 4.0)] == {0, 1}
+    assert axes[(4.8, 1.0, 1.0)] == {1, 2}
+
+
+def test_ghosting_of_a_thick_slice_volume_stays_within_each_slice():
+    """Ghosts of a 2D acquisition are replicas within each slice: changing one slice of the input changes
+    only that slice of the output (the same draws, so the same phase-encode axis and ghost lines)."""
+    v = phantom((32, 32, 10))
+    sp = (0.9, 0.9, 4.0)
+    out, _ = S.simulate_volume(v, "ghosting", 0.8, seed=5, spacing=sp)
+    w = v.copy()
+    w[..., 4] = np.flip(w[..., 4], axis=0) * 1.3
+    out_w, _ = S.simulate_volume(w, "ghosting", 0.8, seed=5, spacing=sp)
+    changed = np.abs(out_w - out).max(axis=(0, 1))
+    assert changed[4] > 0.1
+    np.testing.assert_allclose(np.delete(changed, 4), 0.0, atol=1e-5)

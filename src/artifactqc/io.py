@@ -240,6 +240,22 @@ def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
+#: a volume with one voxel side at least this many times both others is a thick-slice (2D) acquisition
+#: (the definition of ``benchmarks/crosssite``)
+THICK_RATIO = 1.9
+
+
+def acquisition_axis(voxel_mm, ratio: float = THICK_RATIO) -> int | None:
+    """The axis along which a thick-slice acquisition's slices are stacked (its one voxel side at least
+    ``ratio`` times both others), or ``None`` for a 3D acquisition (or two thick sides)."""
+    z = np.asarray(voxel_mm, dtype=np.float64)
+    if z.shape != (3,) or not np.all(np.isfinite(z) & (z > 0)):
+        return None
+    a = int(np.argmax(z))
+    others = np.delete(z, a)
+    return a if z[a] >= ratio * others.max() else None
+
+
 def canonical_voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths (mm) in the closest RAS+ axis order (the order of :func:`to_canonical`)."""
     ornt = nib.orientations.io_orientation(affine)

@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 
 from .. import io
+from ..io import THICK_RATIO, acquisition_axis  # noqa: F401  (re-exported: the scorer's rule)
 from ..progress import track
 from .checkpoint import load_model
 from .network import HEADS, resolve_device
@@ -60,9 +61,6 @@ TRIM = 0.1
 #: columns of the measured (not learned) checks on the slices, after the learned severities
 CHECK_COLUMNS = ("severity_clipping", "saturation")
 
-#: a volume with one voxel side at least this many times both others is a thick-slice (2D) acquisition
-#: (the definition of ``benchmarks/crosssite``)
-THICK_RATIO = 1.9
 #: the ``planes`` policies: ``acquisition`` = thick-slice scans graded on their acquisition planes, ``all`` =
 #: every volume on all three orientations
 PLANES = ("acquisition", "all")
@@ -148,17 +146,6 @@ def volume_outputs(model: torch.nn.Module, pred: dict) -> dict:
 def _check_planes(planes: str) -> None:
     if planes not in PLANES:
         raise ValueError(f"planes must be one of {PLANES}, got {planes!r}")
-
-
-def acquisition_axis(voxel_mm, ratio: float = THICK_RATIO) -> int | None:
-    """The canonical axis along which a thick-slice acquisition's slices are stacked (its one voxel side at
-    least ``ratio`` times both others), or ``None`` for a 3D acquisition (or two thick sides)."""
-    z = np.asarray(voxel_mm, dtype=np.float64)
-    if z.shape != (3,) or not np.all(np.isfinite(z) & (z > 0)):
-        return None
-    a = int(np.argmax(z))
-    others = np.delete(z, a)
-    return a if z[a] >= ratio * others.max() else None
 
 
 def predict_volume(model: torch.nn.Module, slices: np.ndarray, batch_size: int = 64, device=None,

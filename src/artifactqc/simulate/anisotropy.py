@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .calibration import PARAM_NAMES
-from .common import _by_axis, _rand
+from .common import _by_axis, _encoding_axis, _rand
 
 
 def _fwhm_to_sigma(fwhm):
@@ -83,7 +83,7 @@ def thick_slices_lastdim(
 
 
 def _anisotropy_3d(data, factor, rng, spacing):
-    axis = int(rng.integers(0, 3))
+    axis = _encoding_axis(rng, spacing)
     u = float(rng.random())
     step = float(factor)  # contiguous slices: spacing = thickness (fractional)
     anchor = math.floor(u * data.shape[axis])  # a slice centre falls on this voxel

@@ -15,6 +15,23 @@ def _fg(data: np.ndarray) -> np.ndarray:
     return m if m.sum() >= 10 else np.ones_like(m, dtype=bool)
 
 
+def _encoding_axis(rng: np.random.Generator, spacing) -> int:
+    """The axis a 3D artifact runs along (ghosting's and motion's phase-encode axis, anisotropy's slice axis),
+    drawn with one ``rng.integers`` call: any of the three for a 3D acquisition; for a thick-slice (2D)
+    acquisition (``spacing``, :func:`artifactqc.io.acquisition_axis`) one of its two in-plane axes.
+
+    A 2D multi-slice scan has no phase encoding across its slices, so ghosts and motion segments run along an
+    in-plane axis of every slice; and thicker slices along its already thick axis would not show on its
+    acquisition planes, the planes it is graded on (``score.planes: acquisition``)."""
+    from ..io import acquisition_axis
+
+    thick = acquisition_axis(spacing)
+    if thick is None:
+        return int(rng.integers(0, 3))
+    inplane = [a for a in range(3) if a != thick]
+    return inplane[int(rng.integers(0, 2))]
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}

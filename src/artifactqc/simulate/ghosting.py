@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .calibration import PARAM_NAMES
-from .common import _by_axis, _rand
+from .common import _by_axis, _encoding_axis, _rand
 
 _GHOST_MAX_INTENSITY = 1.5  # cap of TorchIO's ghosting intensity (every n-th line scaled by 1 - intensity)
 _GHOST_MAX_N = 4  # number of ghosts drawn from 2.._GHOST_MAX_N
@@ -21,7 +21,7 @@ def _ghosting_3d(data, amp, rng, spacing):
     import torchio as tio
 
     n = int(rng.integers(2, _GHOST_MAX_N + 1))
-    axis = int(rng.integers(0, 3))
+    axis = _encoding_axis(rng, spacing)
     intensity = min(float(amp) * n / math.sqrt(n - 1), _GHOST_MAX_INTENSITY)
     tr = tio.Ghosting(num_ghosts=n, axis=axis, intensity=intensity, restore=_GHOST_RESTORE)
     out = tr(torch.from_numpy(np.ascontiguousarray(data))[None]).numpy()[0]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import PARAM_NAMES
-from .common import _by_axis, _fg, _fg_2d, _rand, _randn
+from .common import _by_axis, _encoding_axis, _fg, _fg_2d, _rand, _randn
 
 _MOTION_MAX_DEG = 20.0  # safety caps on a single movement
 _MOTION_MAX_MM = 20.0
@@ -54,7 +54,7 @@ def _motion_3d(data, rms, rng, spacing):
     import torchio as tio
 
     n_moves = int(rng.integers(2, 4))
-    pe_axis = int(rng.integers(0, 3))
+    pe_axis = _encoding_axis(rng, spacing)
     times = _motion_times(n_moves, rng.random(3))
     deg_dir = rng.standard_normal((n_moves, 3))
     mm_dir = rng.standard_normal((n_moves, 3))
