@@ -605,7 +605,7 @@ def test_thick_acquisition_keeps_extent_and_integrates_slabs():
 def test_thick_pool_entry_keeps_its_acquisition_planes():
     """A thick-slice training item keeps only the slices parallel to its acquisition planes (the scorer's
     planes for such a volume), never draws anisotropy alone, and ``thick=0`` makes no extra random draw."""
-    from artifactqc.encoder.score import acquisition_axis
+    from artifactqc.io import acquisition_axis
     from artifactqc.training.augment import _augment_volume
     from artifactqc.training.pool import make_pool_entry
     from artifactqc.training.volumes import _CleanVolume

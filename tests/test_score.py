@@ -134,7 +134,7 @@ def test_cli_score_refuses_pickle_model(tmp_path, inputs):
 
 # ------------------------------------------------------------------ thick-slice scans: acquisition planes
 def test_acquisition_axis_is_the_one_thick_voxel_side():
-    from artifactqc.encoder.score import acquisition_axis
+    from artifactqc.io import acquisition_axis
 
     assert acquisition_axis([1.0, 1.0, 5.0]) == 2
     assert acquisition_axis([0.45, 0.45, 3.0]) == 2

@@ -84,7 +84,7 @@ def thick_acquisition(data: np.ndarray, spacing, rng: np.random.Generator, thick
 
     This is how a clinical 2D protocol's volume looks *as stored*; the scorer grades such a volume on its
     acquisition planes when its slices are at least 1.9 × its in-plane voxel size
-    (:func:`artifactqc.encoder.score.acquisition_axis`; all but the items whose in-plane grid the resampling
+    (:func:`artifactqc.io.acquisition_axis`; all but the items whose in-plane grid the resampling
     augmentation coarsened to more than 1.6 mm), and training keeps the same planes
     (:func:`artifactqc.training.pool.make_pool_entry`). Returns ``(data, spacing, description)``; a volume
     whose voxel along the drawn axis is already at least half the drawn thickness is returned unchanged

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..encoder.network import HEADS
-from ..encoder.score import acquisition_axis
+from ..io import acquisition_axis
 from ..encoder.slices import SliceConfig, extract_from_array
 from .augment import _augment_volume
 from .config import POOL_ARTIFACTS, THICK_ARTIFACTS
@@ -75,7 +75,7 @@ def _graded_artifact(artifact: str, augment: str, rng: np.random.Generator) -> s
 def _keep_slices(usable: np.ndarray, axes: np.ndarray, spacing=None) -> np.ndarray:
     """The slices an entry keeps: the usable ones, or all when fewer than 2 in two orientations are usable.
 
-    A thick-slice volume (``spacing``, :func:`artifactqc.encoder.score.acquisition_axis`) keeps only the
+    A thick-slice volume (``spacing``, :func:`artifactqc.io.acquisition_axis`) keeps only the
     slices parallel to its acquisition planes, the ones the scorer grades it on (the usable ones, or all of
     them when fewer than 2 are usable): its other orientations show the protocol's slice thickness, which is
     not an artifact and not what its score is made of.
