@@ -352,19 +352,31 @@ def row_voxel_mm(data: Path, meta: list[dict]) -> list[list[float]]:
     return out
 
 
-def score_cache(model, X: np.ndarray, voxel_mm: list, planes: str = "acquisition") -> list[dict]:
+def score_cache(model, X: np.ndarray, voxel_mm: list, planes: str = "acquisition", pooling: str = "head") -> list[dict]:
     """Each cached slice stack scored as a cohort row is (:func:`artifactqc.encoder.score.score_slices`: the
     encoder's outputs, ``score_learned``, the clipping check and the reported ``score``; ``planes`` =
-    ``acquisition``: thick-slice scans graded on their acquisition planes, the scorer's default)."""
+    ``acquisition``: thick-slice scans graded on their acquisition planes, the scorer's default). ``pooling`` =
+    ``trimmed`` sets the model's volume head aside, so that its score and severities are the 10 % trimmed mean
+    of its slice outputs (the scorer's aggregation for models without a volume head): a benchmark comparison
+    (``results-pooling-trimmed.md``), not a scorer option."""
+    if pooling == "trimmed":
+        model.volume_head = None
     from artifactqc.encoder.score import score_slices
 
     return [score_slices(model, x.astype(np.float32), voxel_mm=v, planes=planes) for x, v in zip(X, voxel_mm)]
 
 
-def metrics_name(planes: str) -> str:
-    """A fold run's metrics file: ``metrics.json`` for the scorer's default, ``metrics-planes-all.json`` when
-    thick-slice scans are graded on all orientations (``--planes all``, the scoring before 2026-12-03)."""
-    return "metrics.json" if planes == "acquisition" else f"metrics-planes-{planes}.json"
+def scoring_suffix(planes: str, pooling: str = "head") -> str:
+    """The name suffix of a scoring policy other than ``--planes acquisition --pooling head`` (the scoring the
+    first tables were made with): ``-planes-all``, ``-pooling-trimmed``, or both."""
+    return ("" if planes == "acquisition" else f"-planes-{planes}") + ("" if pooling == "head" else f"-pooling-{pooling}")
+
+
+def metrics_name(planes: str, pooling: str = "head") -> str:
+    """A fold run's metrics file: ``metrics.json`` for ``--planes acquisition --pooling head``,
+    ``metrics-planes-all.json`` when thick-slice scans are graded on all orientations (``--planes all``, the
+    scoring before 2026-12-03), ``metrics-pooling-trimmed.json`` for the trimmed-mean pooling."""
+    return f"metrics{scoring_suffix(planes, pooling)}.json"
 
 
 def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
@@ -474,14 +486,15 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
     meta = [json.loads(s) for s in z["meta"]]
     model = load_model(out / "model", device="cpu")
     t0 = time.perf_counter()
-    rows = score_cache(model, z["X"], row_voxel_mm(data, meta), args.planes)
+    rows = score_cache(model, z["X"], row_voxel_mm(data, meta), args.planes, args.pooling)
     res = fold_metrics(meta, rows)
     res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed, "planes": args.planes,
+            "pooling": args.pooling,
             "held_out_sites": fold_split(data, fold)["held_out_sites"], "score_seconds": time.perf_counter() - t0,
             "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}}
     tr = json.loads((out / "model" / "model.json").read_text()).get("training", {})  # the model's own record
     res["train"] |= {"pool_made": tr.get("n_corrupted_volumes"), "val_pearson_best": (tr.get("final") or {}).get("val_pearson")}
-    (out / metrics_name(args.planes)).write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes, args.pooling)).write_text(json.dumps(res, indent=2))
     log.info("fold %s: r %.3f (matched %.3f), AUROC %.3f, unseen %.3f, clean max %.2f", fold,
              res["quality_mean"]["pearson_overall"], res["quality_matched"]["pearson_overall"],
              res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"], res["unseen"]["auroc_all_vs_clean"], res["clean"]["max"])
@@ -540,13 +553,13 @@ TARGETS = {"pearson_typemean": ">= 0.80", "pearson_matched": ">= 0.90", **{f"spe
            "resample_max_x_range": "< 0.5", "resample_mean_x_sd": "< 0.25"}
 
 
-def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition") -> dict[int, dict]:
-    """Every finished seed run of a fold variant scored with ``planes``: ``{seed: metrics}`` (seed 0 = the
+def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition", pooling: str = "head") -> dict[int, dict]:
+    """Every finished seed run of a fold variant scored with ``planes`` and ``pooling``: ``{seed: metrics}`` (seed 0 = the
     variant's folder, seed k = its ``-s<k>`` sibling)."""
     base = variant_dir(fold, budget, tag)
     runs = {}
     for d in [base, *sorted(base.parent.glob(base.name + "-s*"))]:
-        p = d / metrics_name(planes)
+        p = d / metrics_name(planes, pooling)
         if p.is_file() and (d == base or d.name[len(base.name) + 2:].isdigit()):
             m = json.loads(p.read_text())
             runs[int(m.get("seed") or 0)] = m
@@ -557,12 +570,13 @@ def cmd_table(args) -> dict:
     folds = PROXY_FOLDS if args.budget in TWO_FOLD_BUDGETS else tuple(FOLDS)
     runs = {}
     for f in folds:
-        r = seed_runs(f, args.budget, args.tag, args.planes)
+        r = seed_runs(f, args.budget, args.tag, args.planes, args.pooling)
         if r:
             runs[f] = r
         else:
-            log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s --planes %s)", f,
-                        metrics_name(args.planes), variant_dir(f, args.budget, args.tag), f, args.budget, args.planes)
+            log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s --planes %s --pooling %s)", f,
+                        metrics_name(args.planes, args.pooling), variant_dir(f, args.budget, args.tag), f, args.budget,
+                        args.planes, args.pooling)
     if not runs:
         sys.exit("no fold results to tabulate")
     per_seed = {f: {s_: headline(m) for s_, m in r.items()} for f, r in runs.items()}
@@ -576,13 +590,12 @@ def cmd_table(args) -> dict:
                for k in keys}
     first = {f: r[min(r)] for f, r in runs.items()}
     train = next(iter(first.values())).get("train") or {}
-    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget], "planes": args.planes,
+    res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget], "planes": args.planes, "pooling": args.pooling,
            "recipe": {"tag": args.tag, "data": train.get("data", "raw3d"), "arguments": train.get("arguments")},
            "seeds": {f: sorted(r) for f, r in runs.items()}, "folds": first, "per_fold": H,
            "per_fold_per_seed": per_seed, "seed_sd": seed_sd, "mean_sd": summary, "fold_definitions": FOLDS}
     name = "results" if args.tag == "baseline" else f"results-{args.tag}"
-    if args.planes != "acquisition":
-        name += f"-planes-{args.planes}"
+    name += scoring_suffix(args.planes, args.pooling)
     if args.budget != "full":
         name += f"_{args.budget}"
     (HERE / f"{name}.json").write_text(json.dumps(res, indent=2, default=list))
@@ -615,6 +628,9 @@ def write_md(path: Path, res: dict) -> None:
          f"volumes per fold. Scoring: thick-slice scans graded on " + (
              "their acquisition planes (the scorer's default, `score.planes: acquisition`)"
              if res.get("planes", "acquisition") == "acquisition" else "all three orientations (`--planes all`)")
+         + "; a volume's score and severities from the model's " + (
+             "volume head (the scorer)" if res.get("pooling", "head") == "head"
+             else "slice outputs by their 10 % trimmed mean (`--pooling trimmed`: the volume head set aside)")
          + ". Seeds per fold: " + ", ".join(f"{f} {v}" for f, v in seeds.items()) + " (a fold's "
          "value is the mean over its seeds). Folds (held-out sites): " + "; ".join(
              f"`{f}` {_sites(m['held_out_sites'])}" for f, m in F.items()) + ". Reproduce and fold definitions: "
@@ -682,7 +698,8 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
     z = np.load(CACHE / fold / f"eval-{BUDGETS[args.budget]['eval_volumes']}.npz")
     meta = [json.loads(s_) for s_ in z["meta"]]
     vox = row_voxel_mm(data, meta)
-    scored = [score_cache(load_model(d / "model", device="cpu"), z["X"], vox, args.planes) for d in members]
+    scored = [score_cache(load_model(d / "model", device="cpu"), z["X"], vox, args.planes, args.pooling)
+              for d in members]
     learned = [k for k in scored[0][0] if k == "score_learned" or (k.startswith("severity_") and k != "severity_clipping")]
     rows = []
     for per_member in zip(*scored):
@@ -690,11 +707,11 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
         r["score"] = combined_score(r["score_learned"], r["severity_clipping"])
         rows.append(r)
     res = fold_metrics(meta, rows) | {"fold": fold, "budget": args.budget, "tag": f"{args.tag}-ensemble", "seed": 0,
-                                      "planes": args.planes, "held_out_sites": fold_split(data, fold)["held_out_sites"],
+                                      "planes": args.planes, "pooling": args.pooling, "held_out_sites": fold_split(data, fold)["held_out_sites"],
                                       "members": [d.name for d in members], "train": {"ensemble_of": [d.name for d in members]}}
     out = base.with_name(base.name + "-ensemble")
     out.mkdir(exist_ok=True)
-    (out / metrics_name(args.planes)).write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes, args.pooling)).write_text(json.dumps(res, indent=2))
     log.info("fold %s ensemble of %s: AUROC %.3f, r %.3f", fold, res["members"], res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"],
              res["quality_mean"]["pearson_overall"])
     return res
@@ -757,6 +774,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--planes", choices=["acquisition", "all"], default="acquisition",
                     help="how thick-slice scans are scored (artifactqc.encoder.score; metrics kept per choice)")
+    ap.add_argument("--pooling", choices=["head", "trimmed"], default="head",
+                    help="fold/ensemble/table: a volume's score from the model's volume head (the scorer) or, "
+                    "volume head set aside, from the trimmed mean of its slice outputs (scoring only, metrics kept "
+                    "per choice)")
     ap.add_argument("--out", default=None, help="builtin: the model folder to write")
     ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
     ap.add_argument("--model", default="builtin", help="thick: the model to score with (a folder; default the builtin)")
