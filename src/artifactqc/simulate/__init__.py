@@ -11,7 +11,10 @@ Two paths share one severity scale:
   slice thickness = slice spacing = ``thickness_factor`` voxels (fractional), slice centres anchored on a
   random voxel, each slice integrating the linearly interpolated image against a Gaussian slice profile,
   then linear interpolation back to the grid. The result is continuous in the thickness (no steps at
-  integer factors) and a factor of 1 is the identity.
+  integer factors) and a factor of 1 is the identity. The axis of ghosting, motion (phase encoding) and
+  anisotropy is any of the three for a 3D volume and one of the two in-plane axes for a thick-slice (2D)
+  acquisition (``spacing`` with one side >= 1.9x the others, :func:`artifactqc.io.acquisition_axis`), whose
+  slices have no phase encoding across them.
 * :func:`simulate_slices` (:mod:`.slices`) is the batched 2D path used for training (torch, CPU, thousands of slices/s).
 
 :func:`simulate_file` (:mod:`.files`, the ``artifactqc simulate`` CLI) is the user's tool: it maps the volume
