@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -52,6 +53,26 @@ def test_slices_geometry_and_range(tmp_path):
     for axis, pos in info["planes"]:
         ext = hi[axis] - lo[axis]
         assert lo[axis] + 0.2 * ext - 1e-6 <= pos <= hi[axis] - 0.2 * ext + 1e-6
+
+
+def test_thick_slice_volumes_are_sampled_finer_with_thick_pixel_ratio():
+    """With ``thick_pixel_ratio``, a thick-slice volume is sampled at that multiple of its in-plane voxel size
+    (clipped to [min_pixel_mm, pixel_mm]) over the same field of view; 3D volumes and the default keep the
+    fixed grid."""
+    cfg = slices.SliceConfig(image_size=32, pixel_mm=4.0, slices_per_axis=3, thick_pixel_ratio=1.5, min_pixel_mm=1.0)
+    thick = np.diag([1.0, 1.0, 5.0, 1.0])
+    vol = _phantom((120, 110, 24))
+    s, info = slices.extract_from_array(vol, thick, cfg)
+    size = info["image_size"]
+    assert size == 88 and s.shape == (9, size, size)  # 1.5 mm wanted: 128 mm / 1.5 = 85.3 -> 88 pixels
+    assert info["pixel_mm"] * size == pytest.approx(32 * 4.0) and info["pixel_mm"] < 1.5
+    coarse, cinfo = slices.extract_from_array(vol, thick, dataclasses.replace(cfg, thick_pixel_ratio=0.0))
+    assert coarse.shape == (9, 32, 32) and cinfo["pixel_mm"] == 4.0
+    # the same field of view: the head fills the same share of each slice on both grids
+    assert (s > 0.1).mean() == pytest.approx((coarse > 0.1).mean(), abs=0.03)
+    assert slices.extract_from_array(_phantom((40, 48, 36)), np.diag([2.0, 2.0, 2.0, 1.0]), cfg)[0].shape[-1] == 32
+    assert slices.volume_geometry(cfg, [0.3, 0.3, 3.0]) == (1.0, 128)  # clipped to min_pixel_mm
+    assert slices.volume_geometry(cfg, [3.0, 3.0, 9.0]) == (4.0, 32)  # never coarser than pixel_mm
 
 
 @pytest.mark.parametrize("kind", ["uint8", "int16_signed", "wide", "few_levels", "no_positive", "float"])
@@ -635,6 +656,54 @@ def test_thick_pool_entry_keeps_its_acquisition_planes():
     _augment_volume(v, rng, 0.0, 0.0, 0.0, 0.0)
     ref.random(2)
     assert rng.random() == ref.random()
+
+
+def test_zoom_items_are_sampled_finer_after_the_same_simulation():
+    """A ``zoom`` item takes one of the finer pixel levels over the same field of view; the draw comes after the
+    simulation, so the item is corrupted exactly as without zoom, and ``zoom=0`` draws nothing."""
+    from artifactqc.training.pool import ZOOM_PIXEL_FRACTIONS, make_pool_entry
+    from artifactqc.training.volumes import _CleanVolume
+
+    cfg = slices.SliceConfig(image_size=32, pixel_mm=2.0, slices_per_axis=3)
+    v = _CleanVolume("toy", io.normalize_intensity(_phantom((48, 52, 44))), (1.0, 1.0, 1.0))
+    seeds = []
+
+    def sim(d, a, s, seed, spacing):
+        seeds.append(seed)
+        return _toy_sim(d, a, s, seed, spacing)
+
+    sizes = {slices.fov_grid(cfg, 2.0 * f)[1] for f in ZOOM_PIXEL_FRACTIONS}
+    assert min(sizes) > 32
+    for seed in range(3):
+        plain = make_pool_entry(v, "noise", 0.6, seed, cfg, sim, contrast=0, mask=0, resample=0, dtype=torch.float32)
+        zoomed = make_pool_entry(v, "noise", 0.6, seed, cfg, sim, contrast=0, mask=0, resample=0, zoom=1.0,
+                                 dtype=torch.float32)
+        assert seeds[-1] == seeds[-2]  # the same simulation
+        assert plain["clean"].shape[-1] == 32 and "zoom" not in plain["augment"]
+        assert zoomed["clean"].shape[-1] in sizes and "zoom" in zoomed["augment"]
+        assert zoomed["corrupt"].shape == zoomed["clean"].shape
+
+
+def test_pool_batches_have_one_image_size():
+    """A pool holding items of several image sizes (zoom) draws every batch from items of one size, and
+    every size is drawn."""
+    from artifactqc.training.pool import _Pool
+
+    pool = _Pool([], None, 10, 0, None, {})
+    for k in range(6):
+        n = 2 if k % 2 else 3
+        x = torch.full((6, 1, n, n), float(k))
+        pool.entries.append({"clean": x, "corrupt": x + 0.5, "axis": np.array([0, 0, 1, 1, 2, 2]),
+                             "severity": 0.1, "targets": torch.zeros(5)})
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for group in (1, 2):
+        for _ in range(8):
+            xa, xp, xn, xn2, _, _ = pool.sample(8, gen, group=group)
+            assert xa.shape[0] == 8 and xn.shape == xa.shape == xp.shape == xn2.shape
+            seen.add(xa.shape[-1])
+            assert set((xa[:, 0, 0, 0] % 2).tolist()) == {1.0 if xa.shape[-1] == 2 else 0.0}
+    assert seen == {2, 3}
 
 
 def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):

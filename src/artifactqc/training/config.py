@@ -34,7 +34,11 @@ class TrainConfig:
     simulation: ``contrast_augment`` (tissue remapping or gamma/inversion), ``mask_augment`` (skull-stripped
     look), ``resample_augment`` (random 1.0–1.7 mm grid), ``thick_augment`` (a 2D protocol's 3–6 mm slices on
     their own grid; such an item keeps only its acquisition-plane slices, as the scorer grades it; off by
-    default); see :mod:`artifactqc.training.augment`.
+    default); see :mod:`artifactqc.training.augment`. ``zoom_augment``: that fraction of the items is sampled
+    at finer pixels over the same field of view (:data:`artifactqc.training.pool.ZOOM_PIXEL_FRACTIONS`), so that the
+    encoder learns the scale of anatomy that a finer grid shows is not an artifact; ``thick_pixel_ratio`` > 0
+    is the model's slice geometry for thick-slice scans (``SliceConfig.thick_pixel_ratio``, kept in
+    ``model.json``); both off by default.
     ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the cheap 2D simulator on
     the clean slices (off by default). ``slice_group`` > 1 draws each batch as groups of that many triplets
     from one corrupted volume and puts the severity terms of the loss on the group means (see
@@ -98,6 +102,8 @@ class TrainConfig:
     mask_augment: float = 0.3
     resample_augment: float = 0.5
     thick_augment: float = 0.0
+    zoom_augment: float = 0.0
+    thick_pixel_ratio: float = 0.0
     slice_sim_fraction: float = 0.0
     slice_group: int = 1
     bn_recalib_batches: int = 6
@@ -116,11 +122,15 @@ class TrainConfig:
     init: str | None = None
 
     def __post_init__(self):
-        for name in ("render_pairs", "rank_pairs", "pair_batch", "thick_augment"):
+        for name in ("render_pairs", "rank_pairs", "pair_batch", "thick_augment", "zoom_augment"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.render_pairs + self.rank_pairs > 1.0:
             raise ValueError(f"render_pairs + rank_pairs must be at most 1, got {self.render_pairs} + {self.rank_pairs}")
+        if self.zoom_augment > 0 and self.render_pairs + self.rank_pairs > 0:
+            raise ValueError("zoom_augment cannot be combined with render_pairs or rank_pairs")
+        if float(self.thick_pixel_ratio) < 0:
+            raise ValueError(f"thick_pixel_ratio must be >= 0 (0 = off), got {self.thick_pixel_ratio}")
         if int(self.pair_planes) < 1:
             raise ValueError(f"pair_planes must be at least 1, got {self.pair_planes}")
         for name in ("consistency", "rank", "rank_margin", "rank_heads"):
@@ -146,7 +156,8 @@ class TrainConfig:
         keys = ("val_fraction", "epochs", "batch_size", "lr", "seed", "patience", "image_size", "pixel_mm",
                 "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
-                "thick_augment", "slice_sim_fraction", "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
+                "thick_augment", "zoom_augment", "thick_pixel_ratio", "slice_sim_fraction", "slice_group",
+                "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
                 "rank_margin", "rank_heads", "pair_batch", "pair_planes", "init")
         d = {k: getattr(self, k) for k in keys}

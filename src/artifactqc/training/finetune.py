@@ -28,7 +28,7 @@ def load_init(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Tensor] | 
     """``(cfg, state, record)`` for ``cfg.init``; ``(cfg, None, None)`` without one.
 
     ``cfg`` comes back with ``encoder`` = the init model's architecture (without volume head) and its
-    ``image_size`` / ``pixel_mm``; ``state`` holds its encoder weights (CPU tensors, volume head left out);
+    ``image_size`` / ``pixel_mm`` / ``thick_pixel_ratio``; ``state`` holds its encoder weights (CPU tensors, volume head left out);
     ``record`` = ``{"folder", "model_id", "weights_sha256", "artifactqc_version"}``. Raises
     :class:`InitModelError` naming the folder or file and the problem.
     """
@@ -47,10 +47,12 @@ def load_init(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Tensor] | 
     arch.pop("class", None)
     slices = info.get("slices", {})
     new = dataclasses.replace(cfg, encoder=arch, image_size=int(slices.get("image_size", cfg.image_size)),
-                              pixel_mm=float(slices.get("pixel_mm", cfg.pixel_mm)))
-    if (new.image_size, new.pixel_mm) != (cfg.image_size, cfg.pixel_mm):
-        log.info("fine-tuning from %s: slice geometry %s px at %s mm taken from the init model", folder,
-                 new.image_size, new.pixel_mm)
+                              pixel_mm=float(slices.get("pixel_mm", cfg.pixel_mm)),
+                              thick_pixel_ratio=float(slices.get("thick_pixel_ratio", cfg.thick_pixel_ratio)))
+    geometry = ("image_size", "pixel_mm", "thick_pixel_ratio")
+    if any(getattr(new, k) != getattr(cfg, k) for k in geometry):
+        log.info("fine-tuning from %s: slice geometry %s taken from the init model", folder,
+                 {k: getattr(new, k) for k in geometry})
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("volume_head.")}
     record = {"folder": str(folder), "model_id": info.get("model_id"), "weights_sha256": info["weights_sha256"],
               "artifactqc_version": info.get("artifactqc_version")}

@@ -136,9 +136,9 @@ def _start(cfg: TrainConfig, device, out_dir) -> _Run:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     deadline = None if cfg.max_minutes is None else t_start + 60.0 * float(cfg.max_minutes)
-    slice_cfg = SliceConfig(image_size=cfg.image_size, pixel_mm=cfg.pixel_mm)
-    train_cfg = SliceConfig(image_size=cfg.image_size, pixel_mm=cfg.pixel_mm,
-                            slices_per_axis=int(cfg.train_slices_per_axis))
+    slice_cfg = SliceConfig(image_size=cfg.image_size, pixel_mm=cfg.pixel_mm,
+                            thick_pixel_ratio=float(cfg.thick_pixel_ratio))
+    train_cfg = dataclasses.replace(slice_cfg, slices_per_axis=int(cfg.train_slices_per_axis))
     return _Run(cfg, dev, out_dir, t_start, deadline, rng, group, slice_cfg, train_cfg)
 
 
@@ -212,7 +212,7 @@ def _initial_pool(tr_vols, simulate_fn, run: _Run) -> _Pool:
         pool = _PairPool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug, cfg.render_pairs,
                          cfg.rank_pairs)
     else:
-        pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug)
+        pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug | {"zoom": cfg.zoom_augment})
     n_init = min(pool.capacity, max(2, int(cfg.pool_init_per_volume) * len(tr_vols)))
     t0 = time.perf_counter()
     init_budget = None if run.deadline is None or run.step_budget else 0.35 * (run.deadline - time.perf_counter())

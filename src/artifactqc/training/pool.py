@@ -12,6 +12,7 @@ to 3D-simulated volumes scored through the real path: mean score ≈ 0.1 at SS 0
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -19,10 +20,15 @@ import torch
 
 from ..encoder.network import HEADS
 from ..io import acquisition_axis
-from ..encoder.slices import SliceConfig, extract_from_array
+from ..encoder.slices import SliceConfig, extract_from_array, fov_grid
 from .augment import _augment_volume
 from .config import POOL_ARTIFACTS, THICK_ARTIFACTS
 from .volumes import _CleanVolume, _usable
+
+#: The finer pixels of ``zoom_augment`` items, as fractions of the model's pixel (1.2, 0.96 and 0.8 mm for
+#: 1.5 mm), over the same field of view: a few levels, so that batches (one image size each,
+#: :meth:`_Pool.sample`) are drawn from many items.
+ZOOM_PIXEL_FRACTIONS = (0.8, 0.64, 0.53)
 
 
 def _simulate(x, arts, sev, gen):
@@ -39,12 +45,14 @@ def _simulate_volume(data, artifact, severity, seed, spacing, match_ssim: bool =
 
 def make_pool_entry(
     v: _CleanVolume, artifact: str, severity: float, seed: int, cfg: SliceConfig, sim_fn=None,
-    contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, thick: float = 0.0, dtype=torch.float16,
+    contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, thick: float = 0.0, zoom: float = 0.0,
+    dtype=torch.float16,
 ) -> dict:
     """One training item on the inference path: augment the clean volume, corrupt it in 3D at its native
     resolution (``simulate.simulate_volume``), and extract the slices of the clean and of the corrupted
     volume with :func:`artifactqc.encoder.slices.extract_from_array` (the scorer's code: percentile normalisation
-    *after* corruption, then 1.5 mm sampling).
+    *after* corruption, then 1.5 mm sampling). With probability ``zoom`` the slices are sampled at one of
+    :data:`ZOOM_PIXEL_FRACTIONS` of its pixel over the same field of view instead (more, finer pixels).
 
     Returns a dict with ``clean``/``corrupt`` slices ``[N,1,S,S]`` (``dtype``), ``axis`` [N],
     ``severity``, ``targets`` [5] (per-head severities, :data:`HEADS` order) and ``artifact``.
@@ -54,6 +62,10 @@ def make_pool_entry(
     artifact = _graded_artifact(artifact, aug, rng)
     sim = sim_fn or _simulate_volume
     corrupted, params = sim(data, artifact, float(severity), int(rng.integers(0, 2**31 - 1)), spacing)
+    if zoom > 0 and rng.random() < zoom:  # no draw without zoom: the other items stay as they were
+        pixel, size = fov_grid(cfg, cfg.pixel_mm * float(rng.choice(ZOOM_PIXEL_FRACTIONS)))
+        cfg = dataclasses.replace(cfg, pixel_mm=pixel, image_size=size)
+        aug += f"+zoom{pixel:.2f}mm"
     aff = np.diag([*spacing, 1.0])
     clean_s, _ = extract_from_array(data, aff, cfg)
     corr_s, _ = extract_from_array(corrupted, aff, cfg)
@@ -154,6 +166,16 @@ class _Pool:
             k += self.add_one()
         return k
 
+    def _draw_entries(self, n: int, gen: torch.Generator) -> list[int]:
+        """``n`` entry indices of one batch, uniform over the pool; when its entries have several image sizes
+        (``zoom``), the first is uniform and the others are drawn among the entries of its size."""
+        sizes = [e["clean"].shape[-1] for e in self.entries]
+        if len(set(sizes)) == 1:
+            return torch.randint(0, len(self.entries), (n,), generator=gen).tolist()
+        first = int(torch.randint(0, len(self.entries), (1,), generator=gen))
+        same = [i for i, s in enumerate(sizes) if s == sizes[first]]
+        return [first] + [same[k] for k in torch.randint(0, len(same), (n - 1,), generator=gen).tolist()]
+
     def sample(self, b: int, gen: torch.Generator, group: int = 1):
         """Triplets: anchor = clean slice j of an entry, negative n = the same plane of the corrupted volume,
         positive p / second negative n2 = clean / corrupted slice of another orientation of the same entry
@@ -164,11 +186,11 @@ class _Pool:
         """
         g = max(1, int(group))
         if g == 1:
-            ei = torch.randint(0, len(self.entries), (b,), generator=gen).tolist()
+            ei = self._draw_entries(b, gen)
             js = [None] * b
         else:
             ng = max(1, b // g)
-            eg = torch.randint(0, len(self.entries), (ng,), generator=gen).tolist()
+            eg = self._draw_entries(ng, gen)
             ei, js = [], []
             for e_i in eg:
                 n = len(self.entries[e_i]["axis"])
