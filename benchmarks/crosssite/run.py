@@ -270,9 +270,28 @@ def unseen_artifact(d: np.ndarray, kind: str, level: float, seed: int) -> tuple[
 
 
 # ------------------------------------------------------------------------------- evaluation cache
-def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
-    """Slices of every evaluation row of a fold (model-independent): clean held-out volumes, the five types
-    at both severity definitions, the unseen kinds and the benign changes; float16 slices + row metadata."""
+def eval_cache_path(fold: str, n_eval: int, thick_pixels: float = 0.0) -> Path:
+    """A fold's evaluation cache: ``eval-<n>.npz`` for the default slice geometry, ``eval-<n>-thick<r>.npz``
+    when thick-slice scans are sampled at ``r`` × their in-plane voxel size (``SliceConfig.thick_pixel_ratio``)."""
+    return CACHE / fold / (f"eval-{n_eval}-thick{thick_pixels:g}.npz" if thick_pixels else f"eval-{n_eval}.npz")
+
+
+def load_eval_cache(data: Path, fold: str, n_eval: int, thick_pixels: float = 0.0) -> tuple[list, list[dict]]:
+    """``(X, meta)`` of a fold's evaluation cache (built first when missing): X one ``[N, S, S]`` slice stack
+    per row (rows of several image sizes when thick-slice scans are sampled finer)."""
+    path = eval_cache_path(fold, n_eval, thick_pixels)
+    if not path.is_file():
+        log.info("building the evaluation cache of fold %s -> %s", fold, path)
+        build_eval_cache(data, fold, n_eval, path, thick_pixels)
+    z = np.load(path)
+    meta = [json.loads(s) for s in z["meta"]]
+    return (z["X"] if "X" in z.files else [z[f"X{i}"] for i in range(len(meta))]), meta
+
+
+def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path, thick_pixels: float = 0.0) -> None:
+    """Slices of every evaluation row of a fold (model-independent for a slice geometry: ``thick_pixels`` is
+    ``SliceConfig.thick_pixel_ratio``): clean held-out volumes, the five types at both severity definitions, the
+    unseen kinds and the benign changes; float16 slices + row metadata."""
     import nibabel as nib
     import tempfile
 
@@ -280,7 +299,7 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
     from artifactqc.simulate import head_mask, simulate_volume, ssim_masked
     from artifactqc.encoder.slices import SliceConfig, extract_from_array
 
-    cfg = SliceConfig()
+    cfg = SliceConfig(thick_pixel_ratio=thick_pixels)
     split = fold_split(data, fold)
     X, meta = [], []
 
@@ -330,7 +349,11 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path) -> None:
                 definition="", ssim=float("nan"))
         log.info("%s %s done (%.0f s)", fold, rel, time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, X=np.stack(X), meta=np.array([json.dumps(m) for m in meta]))
+    meta_a = np.array([json.dumps(m) for m in meta])
+    if len({x.shape for x in X}) == 1:
+        np.savez(path, X=np.stack(X), meta=meta_a)
+    else:  # one array per row: thick-slice scans sampled on a finer grid
+        np.savez(path, meta=meta_a, **{f"X{i}": x for i, x in enumerate(X)})
 
 
 def row_voxel_mm(data: Path, meta: list[dict]) -> list[list[float]]:
@@ -352,6 +375,19 @@ def row_voxel_mm(data: Path, meta: list[dict]) -> list[list[float]]:
     return out
 
 
+def scoring_model(model_dir: Path, thick_pixels: float | None = None):
+    """A fold's model for scoring, with its own slice geometry or, with ``thick_pixels``, thick-slice scans
+    sampled at that multiple of their in-plane voxel size (``SliceConfig.thick_pixel_ratio``)."""
+    import dataclasses
+
+    from artifactqc.encoder.checkpoint import load_model
+
+    model = load_model(model_dir, device="cpu")
+    if thick_pixels is not None:
+        model.slice_cfg = dataclasses.replace(model.slice_cfg, thick_pixel_ratio=float(thick_pixels))
+    return model
+
+
 def score_cache(model, X: np.ndarray, voxel_mm: list, planes: str = "acquisition", pooling: str = "head") -> list[dict]:
     """Each cached slice stack scored as a cohort row is (:func:`artifactqc.encoder.score.score_slices`: the
     encoder's outputs, ``score_learned``, the clipping check and the reported ``score``; ``planes`` =
@@ -366,17 +402,19 @@ def score_cache(model, X: np.ndarray, voxel_mm: list, planes: str = "acquisition
     return [score_slices(model, x.astype(np.float32), voxel_mm=v, planes=planes) for x, v in zip(X, voxel_mm)]
 
 
-def scoring_suffix(planes: str, pooling: str = "head") -> str:
-    """The name suffix of a scoring policy other than ``--planes acquisition --pooling head`` (the scoring the
-    first tables were made with): ``-planes-all``, ``-pooling-trimmed``, or both."""
-    return ("" if planes == "acquisition" else f"-planes-{planes}") + ("" if pooling == "head" else f"-pooling-{pooling}")
+def scoring_suffix(planes: str, pooling: str = "head", thick_pixels: float | None = None) -> str:
+    """The name suffix of a scoring policy other than ``--planes acquisition --pooling head`` with the model's
+    own slice geometry (the scoring the first tables were made with): ``-planes-all``, ``-pooling-trimmed``,
+    ``-thickpx<r>`` (``--thick-pixels``), or several."""
+    return (("" if planes == "acquisition" else f"-planes-{planes}") + ("" if pooling == "head" else f"-pooling-{pooling}")
+            + ("" if thick_pixels is None else f"-thickpx{thick_pixels:g}"))
 
 
-def metrics_name(planes: str, pooling: str = "head") -> str:
+def metrics_name(planes: str, pooling: str = "head", thick_pixels: float | None = None) -> str:
     """A fold run's metrics file: ``metrics.json`` for ``--planes acquisition --pooling head``,
     ``metrics-planes-all.json`` when thick-slice scans are graded on all orientations (``--planes all``, the
     scoring before 2026-12-03), ``metrics-pooling-trimmed.json`` for the trimmed-mean pooling."""
-    return f"metrics{scoring_suffix(planes, pooling)}.json"
+    return f"metrics{scoring_suffix(planes, pooling, thick_pixels)}.json"
 
 
 def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
@@ -466,8 +504,6 @@ def train_fold(data: Path, fold: str, budget: str, out: Path, seed: int, threads
 def cmd_fold(args, data: Path, fold: str) -> dict:
     import torch
 
-    from artifactqc.encoder.checkpoint import load_model
-
     torch.set_num_threads(args.threads)
     b = BUDGETS[args.budget]
     out = variant_dir(fold, args.budget, args.tag)
@@ -478,23 +514,18 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
         log.info("training fold %s (%s budget) -> %s", fold, args.budget, out)
         train_fold(data, fold, args.budget, out, args.seed, args.threads, json.loads(args.train) if args.train else {},
                    args.training_data)
-    cache = CACHE / fold / f"eval-{b['eval_volumes']}.npz"
-    if not cache.is_file():
-        log.info("building the evaluation cache of fold %s -> %s", fold, cache)
-        build_eval_cache(data, fold, b["eval_volumes"], cache)
-    z = np.load(cache)
-    meta = [json.loads(s) for s in z["meta"]]
-    model = load_model(out / "model", device="cpu")
+    model = scoring_model(out / "model", args.thick_pixels)
+    X, meta = load_eval_cache(data, fold, b["eval_volumes"], model.slice_cfg.thick_pixel_ratio)
     t0 = time.perf_counter()
-    rows = score_cache(model, z["X"], row_voxel_mm(data, meta), args.planes, args.pooling)
+    rows = score_cache(model, X, row_voxel_mm(data, meta), args.planes, args.pooling)
     res = fold_metrics(meta, rows)
     res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed, "planes": args.planes,
-            "pooling": args.pooling,
+            "pooling": args.pooling, "thick_pixel_ratio": model.slice_cfg.thick_pixel_ratio,
             "held_out_sites": fold_split(data, fold)["held_out_sites"], "score_seconds": time.perf_counter() - t0,
             "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}}
     tr = json.loads((out / "model" / "model.json").read_text()).get("training", {})  # the model's own record
     res["train"] |= {"pool_made": tr.get("n_corrupted_volumes"), "val_pearson_best": (tr.get("final") or {}).get("val_pearson")}
-    (out / metrics_name(args.planes, args.pooling)).write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes, args.pooling, args.thick_pixels)).write_text(json.dumps(res, indent=2))
     log.info("fold %s: r %.3f (matched %.3f), AUROC %.3f, unseen %.3f, clean max %.2f", fold,
              res["quality_mean"]["pearson_overall"], res["quality_matched"]["pearson_overall"],
              res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"], res["unseen"]["auroc_all_vs_clean"], res["clean"]["max"])
@@ -553,13 +584,14 @@ TARGETS = {"pearson_typemean": ">= 0.80", "pearson_matched": ">= 0.90", **{f"spe
            "resample_max_x_range": "< 0.5", "resample_mean_x_sd": "< 0.25"}
 
 
-def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition", pooling: str = "head") -> dict[int, dict]:
+def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition", pooling: str = "head",
+              thick_pixels: float | None = None) -> dict[int, dict]:
     """Every finished seed run of a fold variant scored with ``planes`` and ``pooling``: ``{seed: metrics}`` (seed 0 = the
     variant's folder, seed k = its ``-s<k>`` sibling)."""
     base = variant_dir(fold, budget, tag)
     runs = {}
     for d in [base, *sorted(base.parent.glob(base.name + "-s*"))]:
-        p = d / metrics_name(planes, pooling)
+        p = d / metrics_name(planes, pooling, thick_pixels)
         if p.is_file() and (d == base or d.name[len(base.name) + 2:].isdigit()):
             m = json.loads(p.read_text())
             runs[int(m.get("seed") or 0)] = m
@@ -570,12 +602,12 @@ def cmd_table(args) -> dict:
     folds = PROXY_FOLDS if args.budget in TWO_FOLD_BUDGETS else tuple(FOLDS)
     runs = {}
     for f in folds:
-        r = seed_runs(f, args.budget, args.tag, args.planes, args.pooling)
+        r = seed_runs(f, args.budget, args.tag, args.planes, args.pooling, args.thick_pixels)
         if r:
             runs[f] = r
         else:
             log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s --planes %s --pooling %s)", f,
-                        metrics_name(args.planes, args.pooling), variant_dir(f, args.budget, args.tag), f, args.budget,
+                        metrics_name(args.planes, args.pooling, args.thick_pixels), variant_dir(f, args.budget, args.tag), f, args.budget,
                         args.planes, args.pooling)
     if not runs:
         sys.exit("no fold results to tabulate")
@@ -595,7 +627,7 @@ def cmd_table(args) -> dict:
            "seeds": {f: sorted(r) for f, r in runs.items()}, "folds": first, "per_fold": H,
            "per_fold_per_seed": per_seed, "seed_sd": seed_sd, "mean_sd": summary, "fold_definitions": FOLDS}
     name = "results" if args.tag == "baseline" else f"results-{args.tag}"
-    name += scoring_suffix(args.planes, args.pooling)
+    name += scoring_suffix(args.planes, args.pooling, args.thick_pixels)
     if args.budget != "full":
         name += f"_{args.budget}"
     (HERE / f"{name}.json").write_text(json.dumps(res, indent=2, default=list))
@@ -688,18 +720,16 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
     cache, the members' learned scores and severities are averaged (the clipping check is the same for all),
     and the metrics go to the ``<variant>-ensemble`` folder, so ``table --tag <tag>-ensemble`` (``ensemble`` for
     the baseline) tabulates them like any variant."""
-    from artifactqc.encoder.checkpoint import load_model
     from artifactqc.encoder.saturation import combined_score
 
     base = variant_dir(fold, args.budget, args.tag)
     members = [d for d in [base, *sorted(base.parent.glob(base.name + "-s*"))] if (d / "model" / "model.json").is_file()]
     if len(members) < 2:
         sys.exit(f"ensemble of fold {fold}: needs at least two seed runs under {base}[-s<k>], found {len(members)}")
-    z = np.load(CACHE / fold / f"eval-{BUDGETS[args.budget]['eval_volumes']}.npz")
-    meta = [json.loads(s_) for s_ in z["meta"]]
+    models = [scoring_model(d / "model", args.thick_pixels) for d in members]
+    X, meta = load_eval_cache(data, fold, BUDGETS[args.budget]["eval_volumes"], models[0].slice_cfg.thick_pixel_ratio)
     vox = row_voxel_mm(data, meta)
-    scored = [score_cache(load_model(d / "model", device="cpu"), z["X"], vox, args.planes, args.pooling)
-              for d in members]
+    scored = [score_cache(m, X, vox, args.planes, args.pooling) for m in models]
     learned = [k for k in scored[0][0] if k == "score_learned" or (k.startswith("severity_") and k != "severity_clipping")]
     rows = []
     for per_member in zip(*scored):
@@ -711,7 +741,7 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
                                       "members": [d.name for d in members], "train": {"ensemble_of": [d.name for d in members]}}
     out = base.with_name(base.name + "-ensemble")
     out.mkdir(exist_ok=True)
-    (out / metrics_name(args.planes, args.pooling)).write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes, args.pooling, args.thick_pixels)).write_text(json.dumps(res, indent=2))
     log.info("fold %s ensemble of %s: AUROC %.3f, r %.3f", fold, res["members"], res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"],
              res["quality_mean"]["pearson_overall"])
     return res
@@ -778,6 +808,10 @@ def main(argv=None) -> int:
                     help="fold/ensemble/table: a volume's score from the model's volume head (the scorer) or, "
                     "volume head set aside, from the trimmed mean of its slice outputs (scoring only, metrics kept "
                     "per choice)")
+    ap.add_argument("--thick-pixels", type=float, default=None,
+                    help="fold/ensemble/table: score with thick-slice scans sampled at this multiple of their in-plane "
+                    "voxel size instead of the model's own slice geometry (SliceConfig.thick_pixel_ratio; 0 = the "
+                    "fixed grid); scoring only, metrics kept per choice")
     ap.add_argument("--out", default=None, help="builtin: the model folder to write")
     ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
     ap.add_argument("--model", default="builtin", help="thick: the model to score with (a folder; default the builtin)")
@@ -806,7 +840,7 @@ def main(argv=None) -> int:
         return 0
     if args.step == "cache":  # only the (model-independent) evaluation cache of a fold
         n = BUDGETS[args.budget]["eval_volumes"]
-        build_eval_cache(data, args.fold, n, CACHE / args.fold / f"eval-{n}.npz")
+        load_eval_cache(data, args.fold, n, args.thick_pixels or 0.0)
         return 0
     if args.step == "ensemble":  # average the seed runs of a variant (scoring only)
         for f in [args.fold] if args.fold else FOLDS:
