@@ -278,7 +278,10 @@ def eval_cache_path(fold: str, n_eval: int, thick_pixels: float = 0.0) -> Path:
 
 def load_eval_cache(data: Path, fold: str, n_eval: int, thick_pixels: float = 0.0) -> tuple[list, list[dict]]:
     """``(X, meta)`` of a fold's evaluation cache (built first when missing): X one ``[N, S, S]`` slice stack
-    per row (rows of several image sizes when thick-slice scans are sampled finer)."""
+    per row (rows of several image sizes when thick-slice scans are sampled finer). A fold without thick-slice
+    volumes has one cache for every ``thick_pixels``."""
+    if not any(r["thick"] for r in fold_split(data, fold)["test"]):
+        thick_pixels = 0.0
     path = eval_cache_path(fold, n_eval, thick_pixels)
     if not path.is_file():
         log.info("building the evaluation cache of fold %s -> %s", fold, path)
