@@ -716,6 +716,28 @@ def test_group_training_runs_and_is_recorded(tmp_path, toy_cohort):
         _train(tmp_path / "g2", paths, epochs=1, slice_group=2, slice_sim_fraction=0.5)
 
 
+def test_zoom_training_with_thick_pixels_scores_a_thick_scan_on_its_finer_grid(tmp_path, toy_cohort):
+    """Training with zoom items (several image sizes in one pool) runs end to end; the model keeps its
+    thick-slice geometry in model.json, and scoring a thick-slice file uses it."""
+    from artifactqc.encoder.score import score_volume
+
+    paths, _ = toy_cohort
+    m = _train(tmp_path / "z", paths, epochs=2, zoom_augment=1.0, thick_pixel_ratio=1.5,
+               val_volumes=[str(paths[0])])
+    assert m["epochs_run"] == 2 and math.isfinite(m["best_val_loss"])
+    info = json.loads((tmp_path / "z" / "model.json").read_text())
+    assert info["training"]["hyperparameters"]["zoom_augment"] == 1.0
+    model = load_model(tmp_path / "z")
+    assert model.slice_cfg.thick_pixel_ratio == 1.5
+    thick = _write(tmp_path, "thick.nii.gz", _phantom((100, 110, 20)), np.diag([1.0, 1.0, 6.0, 1.0]))
+    row = score_volume(model, thick)
+    assert row["status"] == "ok" and math.isfinite(row["score"]) and row["score_planes"] == "axial"
+    _, sinfo = slices.extract_slices(thick, model.slice_cfg)
+    assert sinfo["image_size"] > 32 and sinfo["pixel_mm"] < 4.0
+    with pytest.raises(ValueError, match="zoom_augment"):
+        _train(tmp_path / "z2", paths, epochs=1, zoom_augment=0.5, rank_pairs=0.5)
+
+
 def test_ssim_matched_training_uses_and_records_the_matched_simulator(tmp_path, toy_cohort):
     paths, _ = toy_cohort
     m = _train(tmp_path / "s", paths, epochs=1, simulate_fn=None, match_ssim=True, val_volumes=[str(paths[0])])
