@@ -270,30 +270,39 @@ def unseen_artifact(d: np.ndarray, kind: str, level: float, seed: int) -> tuple[
 
 
 # ------------------------------------------------------------------------------- evaluation cache
-def eval_cache_path(fold: str, n_eval: int, thick_pixels: float = 0.0) -> Path:
-    """A fold's evaluation cache: ``eval-<n>.npz`` for the default slice geometry, ``eval-<n>-thick<r>.npz``
-    when thick-slice scans are sampled at ``r`` × their in-plane voxel size (``SliceConfig.thick_pixel_ratio``)."""
-    return CACHE / fold / (f"eval-{n_eval}-thick{thick_pixels:g}.npz" if thick_pixels else f"eval-{n_eval}.npz")
+def thick_geometry(cfg) -> dict:
+    """The thick-slice part of a slice geometry (``SliceConfig``): ``{}`` for the fixed grid."""
+    return {"thick_pixel_ratio": cfg.thick_pixel_ratio, "min_pixel_mm": cfg.min_pixel_mm} if cfg.thick_pixel_ratio else {}
 
 
-def load_eval_cache(data: Path, fold: str, n_eval: int, thick_pixels: float = 0.0) -> tuple[list, list[dict]]:
-    """``(X, meta)`` of a fold's evaluation cache (built first when missing): X one ``[N, S, S]`` slice stack
-    per row (rows of several image sizes when thick-slice scans are sampled finer). A fold without thick-slice
-    volumes has one cache for every ``thick_pixels``."""
+def eval_cache_path(fold: str, n_eval: int, geometry: dict) -> Path:
+    """A fold's evaluation cache: ``eval-<n>.npz`` for the fixed grid, ``eval-<n>-thick<r>.npz`` when
+    thick-slice scans are sampled at ``r`` × their in-plane voxel size (``SliceConfig.thick_pixel_ratio``), with
+    ``-min<m>`` when their finest pixel is not the default 0.75 mm."""
+    if not geometry:
+        return CACHE / fold / f"eval-{n_eval}.npz"
+    m = geometry["min_pixel_mm"]
+    return CACHE / fold / (f"eval-{n_eval}-thick{geometry['thick_pixel_ratio']:g}" + ("" if m == 0.75 else f"-min{m:g}") + ".npz")
+
+
+def load_eval_cache(data: Path, fold: str, n_eval: int, geometry: dict) -> tuple[list, list[dict]]:
+    """``(X, meta)`` of a fold's evaluation cache for a slice ``geometry`` (:func:`thick_geometry`; built first
+    when missing): X one ``[N, S, S]`` slice stack per row (rows of several image sizes when thick-slice scans
+    are sampled finer). A fold without thick-slice volumes has one cache for every geometry."""
     if not any(r["thick"] for r in fold_split(data, fold)["test"]):
-        thick_pixels = 0.0
-    path = eval_cache_path(fold, n_eval, thick_pixels)
+        geometry = {}
+    path = eval_cache_path(fold, n_eval, geometry)
     if not path.is_file():
         log.info("building the evaluation cache of fold %s -> %s", fold, path)
-        build_eval_cache(data, fold, n_eval, path, thick_pixels)
+        build_eval_cache(data, fold, n_eval, path, geometry)
     z = np.load(path)
     meta = [json.loads(s) for s in z["meta"]]
     return (z["X"] if "X" in z.files else [z[f"X{i}"] for i in range(len(meta))]), meta
 
 
-def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path, thick_pixels: float = 0.0) -> None:
-    """Slices of every evaluation row of a fold (model-independent for a slice geometry: ``thick_pixels`` is
-    ``SliceConfig.thick_pixel_ratio``): clean held-out volumes, the five types at both severity definitions, the
+def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path, geometry: dict | None = None) -> None:
+    """Slices of every evaluation row of a fold (model-independent for a slice geometry: ``geometry``, see
+    :func:`thick_geometry`): clean held-out volumes, the five types at both severity definitions, the
     unseen kinds and the benign changes; float16 slices + row metadata."""
     import nibabel as nib
     import tempfile
@@ -302,7 +311,7 @@ def build_eval_cache(data: Path, fold: str, n_eval: int, path: Path, thick_pixel
     from artifactqc.simulate import head_mask, simulate_volume, ssim_masked
     from artifactqc.encoder.slices import SliceConfig, extract_from_array
 
-    cfg = SliceConfig(thick_pixel_ratio=thick_pixels)
+    cfg = SliceConfig(**(geometry or {}))
     split = fold_split(data, fold)
     X, meta = [], []
 
@@ -378,16 +387,16 @@ def row_voxel_mm(data: Path, meta: list[dict]) -> list[list[float]]:
     return out
 
 
-def scoring_model(model_dir: Path, thick_pixels: float | None = None):
-    """A fold's model for scoring, with its own slice geometry or, with ``thick_pixels``, thick-slice scans
-    sampled at that multiple of their in-plane voxel size (``SliceConfig.thick_pixel_ratio``)."""
+def scoring_model(model_dir: Path, override: dict | None = None):
+    """A fold's model for scoring, with its own slice geometry or with the fields of ``override``
+    (:func:`geometry_override`)."""
     import dataclasses
 
     from artifactqc.encoder.checkpoint import load_model
 
     model = load_model(model_dir, device="cpu")
-    if thick_pixels is not None:
-        model.slice_cfg = dataclasses.replace(model.slice_cfg, thick_pixel_ratio=float(thick_pixels))
+    if override:
+        model.slice_cfg = dataclasses.replace(model.slice_cfg, **override)
     return model
 
 
@@ -405,19 +414,28 @@ def score_cache(model, X: np.ndarray, voxel_mm: list, planes: str = "acquisition
     return [score_slices(model, x.astype(np.float32), voxel_mm=v, planes=planes) for x, v in zip(X, voxel_mm)]
 
 
-def scoring_suffix(planes: str, pooling: str = "head", thick_pixels: float | None = None) -> str:
+def geometry_override(args) -> dict | None:
+    """The slice geometry fields that ``--thick-pixels`` / ``--thick-min-pixel`` set (None: the model's own)."""
+    o = {k: float(v) for k, v in (("thick_pixel_ratio", args.thick_pixels), ("min_pixel_mm", args.thick_min_pixel))
+         if v is not None}
+    return o or None
+
+
+def scoring_suffix(planes: str, pooling: str = "head", override: dict | None = None) -> str:
     """The name suffix of a scoring policy other than ``--planes acquisition --pooling head`` with the model's
     own slice geometry (the scoring the first tables were made with): ``-planes-all``, ``-pooling-trimmed``,
-    ``-thickpx<r>`` (``--thick-pixels``), or several."""
+    ``-thickpx<r>`` / ``-minpx<m>`` (``--thick-pixels`` / ``--thick-min-pixel``), or several."""
+    o = override or {}
     return (("" if planes == "acquisition" else f"-planes-{planes}") + ("" if pooling == "head" else f"-pooling-{pooling}")
-            + ("" if thick_pixels is None else f"-thickpx{thick_pixels:g}"))
+            + ("" if "thick_pixel_ratio" not in o else f"-thickpx{o['thick_pixel_ratio']:g}")
+            + ("" if "min_pixel_mm" not in o else f"-minpx{o['min_pixel_mm']:g}"))
 
 
-def metrics_name(planes: str, pooling: str = "head", thick_pixels: float | None = None) -> str:
+def metrics_name(planes: str, pooling: str = "head", override: dict | None = None) -> str:
     """A fold run's metrics file: ``metrics.json`` for ``--planes acquisition --pooling head``,
     ``metrics-planes-all.json`` when thick-slice scans are graded on all orientations (``--planes all``, the
     scoring before 2026-12-03), ``metrics-pooling-trimmed.json`` for the trimmed-mean pooling."""
-    return f"metrics{scoring_suffix(planes, pooling, thick_pixels)}.json"
+    return f"metrics{scoring_suffix(planes, pooling, override)}.json"
 
 
 def fold_metrics(meta: list[dict], rows: list[dict]) -> dict:
@@ -517,18 +535,18 @@ def cmd_fold(args, data: Path, fold: str) -> dict:
         log.info("training fold %s (%s budget) -> %s", fold, args.budget, out)
         train_fold(data, fold, args.budget, out, args.seed, args.threads, json.loads(args.train) if args.train else {},
                    args.training_data)
-    model = scoring_model(out / "model", args.thick_pixels)
-    X, meta = load_eval_cache(data, fold, b["eval_volumes"], model.slice_cfg.thick_pixel_ratio)
+    model = scoring_model(out / "model", geometry_override(args))
+    X, meta = load_eval_cache(data, fold, b["eval_volumes"], thick_geometry(model.slice_cfg))
     t0 = time.perf_counter()
     rows = score_cache(model, X, row_voxel_mm(data, meta), args.planes, args.pooling)
     res = fold_metrics(meta, rows)
     res |= {"fold": fold, "budget": args.budget, "tag": args.tag, "seed": args.seed, "planes": args.planes,
-            "pooling": args.pooling, "thick_pixel_ratio": model.slice_cfg.thick_pixel_ratio,
+            "pooling": args.pooling, "thick_geometry": thick_geometry(model.slice_cfg),
             "held_out_sites": fold_split(data, fold)["held_out_sites"], "score_seconds": time.perf_counter() - t0,
             "train": json.loads((out / "train.json").read_text()) if (out / "train.json").is_file() else {}}
     tr = json.loads((out / "model" / "model.json").read_text()).get("training", {})  # the model's own record
     res["train"] |= {"pool_made": tr.get("n_corrupted_volumes"), "val_pearson_best": (tr.get("final") or {}).get("val_pearson")}
-    (out / metrics_name(args.planes, args.pooling, args.thick_pixels)).write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes, args.pooling, geometry_override(args))).write_text(json.dumps(res, indent=2))
     log.info("fold %s: r %.3f (matched %.3f), AUROC %.3f, unseen %.3f, clean max %.2f", fold,
              res["quality_mean"]["pearson_overall"], res["quality_matched"]["pearson_overall"],
              res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"], res["unseen"]["auroc_all_vs_clean"], res["clean"]["max"])
@@ -588,13 +606,13 @@ TARGETS = {"pearson_typemean": ">= 0.80", "pearson_matched": ">= 0.90", **{f"spe
 
 
 def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition", pooling: str = "head",
-              thick_pixels: float | None = None) -> dict[int, dict]:
+              override: dict | None = None) -> dict[int, dict]:
     """Every finished seed run of a fold variant scored with ``planes`` and ``pooling``: ``{seed: metrics}`` (seed 0 = the
     variant's folder, seed k = its ``-s<k>`` sibling)."""
     base = variant_dir(fold, budget, tag)
     runs = {}
     for d in [base, *sorted(base.parent.glob(base.name + "-s*"))]:
-        p = d / metrics_name(planes, pooling, thick_pixels)
+        p = d / metrics_name(planes, pooling, override)
         if p.is_file() and (d == base or d.name[len(base.name) + 2:].isdigit()):
             m = json.loads(p.read_text())
             runs[int(m.get("seed") or 0)] = m
@@ -605,12 +623,12 @@ def cmd_table(args) -> dict:
     folds = PROXY_FOLDS if args.budget in TWO_FOLD_BUDGETS else tuple(FOLDS)
     runs = {}
     for f in folds:
-        r = seed_runs(f, args.budget, args.tag, args.planes, args.pooling, args.thick_pixels)
+        r = seed_runs(f, args.budget, args.tag, args.planes, args.pooling, geometry_override(args))
         if r:
             runs[f] = r
         else:
             log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s --planes %s --pooling %s)", f,
-                        metrics_name(args.planes, args.pooling, args.thick_pixels), variant_dir(f, args.budget, args.tag), f, args.budget,
+                        metrics_name(args.planes, args.pooling, geometry_override(args)), variant_dir(f, args.budget, args.tag), f, args.budget,
                         args.planes, args.pooling)
     if not runs:
         sys.exit("no fold results to tabulate")
@@ -626,11 +644,12 @@ def cmd_table(args) -> dict:
     first = {f: r[min(r)] for f, r in runs.items()}
     train = next(iter(first.values())).get("train") or {}
     res = {"budget": args.budget, "budget_settings": BUDGETS[args.budget], "planes": args.planes, "pooling": args.pooling,
+           "thick_geometry": next(iter(first.values())).get("thick_geometry", {}),
            "recipe": {"tag": args.tag, "data": train.get("data", "raw3d"), "arguments": train.get("arguments")},
            "seeds": {f: sorted(r) for f, r in runs.items()}, "folds": first, "per_fold": H,
            "per_fold_per_seed": per_seed, "seed_sd": seed_sd, "mean_sd": summary, "fold_definitions": FOLDS}
     name = "results" if args.tag == "baseline" else f"results-{args.tag}"
-    name += scoring_suffix(args.planes, args.pooling, args.thick_pixels)
+    name += scoring_suffix(args.planes, args.pooling, geometry_override(args))
     if args.budget != "full":
         name += f"_{args.budget}"
     (HERE / f"{name}.json").write_text(json.dumps(res, indent=2, default=list))
@@ -666,6 +685,9 @@ def write_md(path: Path, res: dict) -> None:
          + "; a volume's score and severities from the model's " + (
              "volume head (the scorer)" if res.get("pooling", "head") == "head"
              else "slice outputs by their 10 % trimmed mean (`--pooling trimmed`: the volume head set aside)")
+         + ("; thick-slice scans sampled at {thick_pixel_ratio:g} × their in-plane voxel size, at least "
+            "{min_pixel_mm:g} mm (`SliceConfig.thick_pixel_ratio`)".format(**res["thick_geometry"])
+            if res.get("thick_geometry") else "")
          + ". Seeds per fold: " + ", ".join(f"{f} {v}" for f, v in seeds.items()) + " (a fold's "
          "value is the mean over its seeds). Folds (held-out sites): " + "; ".join(
              f"`{f}` {_sites(m['held_out_sites'])}" for f, m in F.items()) + ". Reproduce and fold definitions: "
@@ -729,8 +751,8 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
     members = [d for d in [base, *sorted(base.parent.glob(base.name + "-s*"))] if (d / "model" / "model.json").is_file()]
     if len(members) < 2:
         sys.exit(f"ensemble of fold {fold}: needs at least two seed runs under {base}[-s<k>], found {len(members)}")
-    models = [scoring_model(d / "model", args.thick_pixels) for d in members]
-    X, meta = load_eval_cache(data, fold, BUDGETS[args.budget]["eval_volumes"], models[0].slice_cfg.thick_pixel_ratio)
+    models = [scoring_model(d / "model", geometry_override(args)) for d in members]
+    X, meta = load_eval_cache(data, fold, BUDGETS[args.budget]["eval_volumes"], thick_geometry(models[0].slice_cfg))
     vox = row_voxel_mm(data, meta)
     scored = [score_cache(m, X, vox, args.planes, args.pooling) for m in models]
     learned = [k for k in scored[0][0] if k == "score_learned" or (k.startswith("severity_") and k != "severity_clipping")]
@@ -744,7 +766,7 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
                                       "members": [d.name for d in members], "train": {"ensemble_of": [d.name for d in members]}}
     out = base.with_name(base.name + "-ensemble")
     out.mkdir(exist_ok=True)
-    (out / metrics_name(args.planes, args.pooling, args.thick_pixels)).write_text(json.dumps(res, indent=2))
+    (out / metrics_name(args.planes, args.pooling, geometry_override(args))).write_text(json.dumps(res, indent=2))
     log.info("fold %s ensemble of %s: AUROC %.3f, r %.3f", fold, res["members"], res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"],
              res["quality_mean"]["pearson_overall"])
     return res
@@ -815,6 +837,8 @@ def main(argv=None) -> int:
                     help="fold/ensemble/table: score with thick-slice scans sampled at this multiple of their in-plane "
                     "voxel size instead of the model's own slice geometry (SliceConfig.thick_pixel_ratio; 0 = the "
                     "fixed grid); scoring only, metrics kept per choice")
+    ap.add_argument("--thick-min-pixel", type=float, default=None,
+                    help="with --thick-pixels: the finest pixel (mm) of that rule (SliceConfig.min_pixel_mm)")
     ap.add_argument("--out", default=None, help="builtin: the model folder to write")
     ap.add_argument("--model-id", default="artifactqc-builtin-1", help="builtin: the model's id")
     ap.add_argument("--model", default="builtin", help="thick: the model to score with (a folder; default the builtin)")
@@ -843,7 +867,9 @@ def main(argv=None) -> int:
         return 0
     if args.step == "cache":  # only the (model-independent) evaluation cache of a fold
         n = BUDGETS[args.budget]["eval_volumes"]
-        load_eval_cache(data, args.fold, n, args.thick_pixels or 0.0)
+        from artifactqc.encoder.slices import SliceConfig
+
+        load_eval_cache(data, args.fold, n, thick_geometry(SliceConfig(**(geometry_override(args) or {}))))
         return 0
     if args.step == "ensemble":  # average the seed runs of a variant (scoring only)
         for f in [args.fold] if args.fold else FOLDS:
