@@ -272,7 +272,9 @@ def unseen_artifact(d: np.ndarray, kind: str, level: float, seed: int) -> tuple[
 # ------------------------------------------------------------------------------- evaluation cache
 def thick_geometry(cfg) -> dict:
     """The thick-slice part of a slice geometry (``SliceConfig``): ``{}`` for the fixed grid."""
-    return {"thick_pixel_ratio": cfg.thick_pixel_ratio, "min_pixel_mm": cfg.min_pixel_mm} if cfg.thick_pixel_ratio else {}
+    if not cfg.thick_pixel_ratio:
+        return {}
+    return {"thick_pixel_ratio": cfg.thick_pixel_ratio, "min_pixel_mm": cfg.min_pixel_mm}
 
 
 def eval_cache_path(fold: str, n_eval: int, geometry: dict) -> Path:
@@ -282,7 +284,8 @@ def eval_cache_path(fold: str, n_eval: int, geometry: dict) -> Path:
     if not geometry:
         return CACHE / fold / f"eval-{n_eval}.npz"
     m = geometry["min_pixel_mm"]
-    return CACHE / fold / (f"eval-{n_eval}-thick{geometry['thick_pixel_ratio']:g}" + ("" if m == 0.75 else f"-min{m:g}") + ".npz")
+    name = f"eval-{n_eval}-thick{geometry['thick_pixel_ratio']:g}" + ("" if m == 0.75 else f"-min{m:g}")
+    return CACHE / fold / f"{name}.npz"
 
 
 def load_eval_cache(data: Path, fold: str, n_eval: int, geometry: dict) -> tuple[list, list[dict]]:
@@ -426,7 +429,8 @@ def scoring_suffix(planes: str, pooling: str = "head", override: dict | None = N
     own slice geometry (the scoring the first tables were made with): ``-planes-all``, ``-pooling-trimmed``,
     ``-thickpx<r>`` / ``-minpx<m>`` (``--thick-pixels`` / ``--thick-min-pixel``), or several."""
     o = override or {}
-    return (("" if planes == "acquisition" else f"-planes-{planes}") + ("" if pooling == "head" else f"-pooling-{pooling}")
+    return (("" if planes == "acquisition" else f"-planes-{planes}")
+            + ("" if pooling == "head" else f"-pooling-{pooling}")
             + ("" if "thick_pixel_ratio" not in o else f"-thickpx{o['thick_pixel_ratio']:g}")
             + ("" if "min_pixel_mm" not in o else f"-minpx{o['min_pixel_mm']:g}"))
 

@@ -22,13 +22,13 @@ are cached once and then corrupted on the fly) or a volume being scored:
    thick slices show as blur along the through-plane axis. Outside the field of view is 0.
 
 Default geometry: 128 × 128 pixels of 1.5 mm (a 192 mm field of view that holds an adult brain).
+128 px was chosen from the measured speeds in issue 5 (the published 224 px network infers ~20 slices/s
+on 2 CPU cores; 128 px with a downsampling encoder is >50× faster), and 1.5 mm keeps the blur of
+2–4× thick slices and the texture of noise visible (at 2 mm pixels the blur of 2 mm slices would vanish).
 With ``thick_pixel_ratio`` > 0, a thick-slice (2D) volume (:func:`artifactqc.io.acquisition_axis`) is sampled
 finer: pixels of ``thick_pixel_ratio`` × its in-plane voxel size (clipped to [``min_pixel_mm``, ``pixel_mm``])
 over the same field of view, so ``image_size`` grows accordingly (:func:`volume_geometry`). Clinical 2D scans
 have 0.5–0.9 mm in-plane voxels: at 1.5 mm pixels the in-plane blur and motion of their own grid vanish.
-128 px was chosen from the measured speeds in issue 5 (the published 224 px network infers ~20 slices/s
-on 2 CPU cores; 128 px with a downsampling encoder is >50× faster), and 1.5 mm keeps the blur of
-2–4× thick slices and the texture of noise visible (at 2 mm pixels the blur of 2 mm slices would vanish).
 
 The output is a float32 array ``[n_slices, image_size, image_size]`` plus a dict with the geometry used.
 """

@@ -34,11 +34,11 @@ class TrainConfig:
     simulation: ``contrast_augment`` (tissue remapping or gamma/inversion), ``mask_augment`` (skull-stripped
     look), ``resample_augment`` (random 1.0–1.7 mm grid), ``thick_augment`` (a 2D protocol's 3–6 mm slices on
     their own grid; such an item keeps only its acquisition-plane slices, as the scorer grades it; off by
-    default); see :mod:`artifactqc.training.augment`. ``zoom_augment``: that fraction of the items is sampled
-    at finer pixels over the same field of view (:data:`artifactqc.training.pool.ZOOM_PIXEL_FRACTIONS`), so that the
-    encoder learns the scale of anatomy that a finer grid shows is not an artifact; ``thick_pixel_ratio`` > 0
-    is the model's slice geometry for thick-slice scans (``SliceConfig.thick_pixel_ratio``, kept in
-    ``model.json``); both off by default.
+    default); see :mod:`artifactqc.training.augment`. ``zoom_augment``: that fraction of the items is
+    sampled at finer pixels over the same field of view (:data:`artifactqc.training.pool.ZOOM_PIXEL_FRACTIONS`),
+    so that the encoder learns that the larger anatomy of a finer grid is not an artifact;
+    ``thick_pixel_ratio`` > 0 is the model's slice geometry for thick-slice scans
+    (``SliceConfig.thick_pixel_ratio``, kept in ``model.json``); both off by default.
     ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the cheap 2D simulator on
     the clean slices (off by default). ``slice_group`` > 1 draws each batch as groups of that many triplets
     from one corrupted volume and puts the severity terms of the loss on the group means (see

@@ -28,8 +28,8 @@ def load_init(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, torch.Tensor] | 
     """``(cfg, state, record)`` for ``cfg.init``; ``(cfg, None, None)`` without one.
 
     ``cfg`` comes back with ``encoder`` = the init model's architecture (without volume head) and its
-    ``image_size`` / ``pixel_mm`` / ``thick_pixel_ratio``; ``state`` holds its encoder weights (CPU tensors, volume head left out);
-    ``record`` = ``{"folder", "model_id", "weights_sha256", "artifactqc_version"}``. Raises
+    ``image_size`` / ``pixel_mm`` / ``thick_pixel_ratio``; ``state`` holds its encoder weights (CPU tensors,
+    volume head left out); ``record`` = ``{"folder", "model_id", "weights_sha256", "artifactqc_version"}``. Raises
     :class:`InitModelError` naming the folder or file and the problem.
     """
     if not cfg.init:
