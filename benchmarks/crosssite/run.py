@@ -280,11 +280,15 @@ def thick_geometry(cfg) -> dict:
 def eval_cache_path(fold: str, n_eval: int, geometry: dict) -> Path:
     """A fold's evaluation cache: ``eval-<n>.npz`` for the fixed grid, ``eval-<n>-thick<r>.npz`` when
     thick-slice scans are sampled at ``r`` × their in-plane voxel size (``SliceConfig.thick_pixel_ratio``), with
-    ``-min<m>`` when their finest pixel is not the default 0.75 mm."""
+    ``-min<m>`` when their finest pixel is not ``SliceConfig``'s default."""
+    from artifactqc.encoder.slices import SliceConfig
+
     if not geometry:
         return CACHE / fold / f"eval-{n_eval}.npz"
     m = geometry["min_pixel_mm"]
-    name = f"eval-{n_eval}-thick{geometry['thick_pixel_ratio']:g}" + ("" if m == 0.75 else f"-min{m:g}")
+    name = f"eval-{n_eval}-thick{geometry['thick_pixel_ratio']:g}"
+    if m != SliceConfig.min_pixel_mm:
+        name += f"-min{m:g}"
     return CACHE / fold / f"{name}.npz"
 
 

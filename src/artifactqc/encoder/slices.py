@@ -59,8 +59,8 @@ class SliceConfig:
     max_stats_voxels: int = 400_000
     #: > 0: thick-slice volumes sampled at this multiple of their in-plane voxel size (0 = the fixed grid)
     thick_pixel_ratio: float = 0.0
-    #: the finest pixel of that rule (mm)
-    min_pixel_mm: float = 0.75
+    #: the finest pixel of that rule (mm): finer grids of 2D scans are mostly interpolated (zero-filled)
+    min_pixel_mm: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
