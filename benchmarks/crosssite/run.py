@@ -442,7 +442,8 @@ def scoring_suffix(planes: str, pooling: str = "head", override: dict | None = N
 def metrics_name(planes: str, pooling: str = "head", override: dict | None = None) -> str:
     """A fold run's metrics file: ``metrics.json`` for ``--planes acquisition --pooling head``,
     ``metrics-planes-all.json`` when thick-slice scans are graded on all orientations (``--planes all``, the
-    scoring before 2026-12-03), ``metrics-pooling-trimmed.json`` for the trimmed-mean pooling."""
+    scoring before 2026-12-03), ``metrics-pooling-trimmed.json`` for the trimmed-mean pooling,
+    ``metrics-thickpx<r>-minpx<m>.json`` for another thick-slice geometry (:func:`scoring_suffix`)."""
     return f"metrics{scoring_suffix(planes, pooling, override)}.json"
 
 
@@ -635,9 +636,9 @@ def cmd_table(args) -> dict:
         if r:
             runs[f] = r
         else:
-            log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s --planes %s --pooling %s)", f,
-                        metrics_name(args.planes, args.pooling, geometry_override(args)), variant_dir(f, args.budget, args.tag), f, args.budget,
-                        args.planes, args.pooling)
+            log.warning("fold %s has no %s under %s (run: run.py fold %s --budget %s with the same scoring options)",
+                        f, metrics_name(args.planes, args.pooling, geometry_override(args)),
+                        variant_dir(f, args.budget, args.tag), f, args.budget)
     if not runs:
         sys.exit("no fold results to tabulate")
     per_seed = {f: {s_: headline(m) for s_, m in r.items()} for f, r in runs.items()}
