@@ -660,7 +660,7 @@ def test_thick_pool_entry_keeps_its_acquisition_planes():
 
 def test_zoom_items_are_sampled_finer_after_the_same_simulation():
     """A ``zoom`` item takes one of the finer pixel levels over the same field of view; the draw comes after the
-    simulation, so the item is corrupted exactly as without zoom, and ``zoom=0`` draws nothing."""
+    simulation, so the item gets the same simulator seed as without zoom."""
     from artifactqc.training.pool import ZOOM_PIXEL_FRACTIONS, make_pool_entry
     from artifactqc.training.volumes import _CleanVolume
 
