@@ -4,7 +4,8 @@ acquisition before the simulation (:func:`_augment_volume`), and the slice-level
 Volume augmentation before the simulation (:func:`_augment_volume`): skull-stripped look, contrast (random
 per-tissue intensity remapping, :func:`_tissue_remap`, for T2w/FLAIR/PD-like images; or gamma/inversion),
 resampling of *every* volume to a random 1.0–1.7 mm grid (interpolation smoothing is not an artifact), and
-optionally a thick-slice (2D) acquisition on its own grid (:func:`thick_acquisition`).
+optionally a label-map synthesis of a new anatomy and contrast (:func:`synthesize_volume`) and a thick-slice
+(2D) acquisition on its own grid (:func:`thick_acquisition`).
 """
 
 from __future__ import annotations
@@ -116,8 +117,78 @@ def thick_acquisition(data: np.ndarray, spacing, rng: np.random.Generator, thick
     return np.ascontiguousarray(out, dtype=np.float32), tuple(float(x) for x in new_spacing), f"thick{axis}:{t_mm:.1f}mm"
 
 
+#: Spatial deformation of ``synth_augment`` items (:func:`deform_anatomy`): rotation (degrees, each axis),
+#: overall scale, per-axis scale and the sd (mm) of the smooth displacement's control points.
+DEFORM = {"rotation_deg": 12.0, "scale": (0.88, 1.12), "axis_scale": (0.95, 1.05), "elastic_mm": 2.5, "grid": 5}
+
+
+def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation_deg: float = DEFORM["rotation_deg"],
+                   scale=DEFORM["scale"], axis_scale=DEFORM["axis_scale"], elastic_mm: float = DEFORM["elastic_mm"],
+                   grid: int = DEFORM["grid"]) -> tuple[np.ndarray, str]:
+    """A new anatomy from a training volume: a random rotation (up to ``rotation_deg`` about each axis), scale
+    (overall ``scale`` times per axis ``axis_scale``) and smooth elastic displacement (a ``grid``³ lattice of
+    N(0, ``elastic_mm``) mm displacements, upsampled trilinearly), about the volume's centre, in millimetres
+    (anisotropic voxels stay right), on the volume's own grid. Trilinear sampling (``torch`` ``grid_sample``,
+    zeros outside): its smoothing is a benign resampling, not an artifact (as the resampling augmentation). The
+    parameters come from ``rng``, so an item is reproducible. Returns ``(data, description)``.
+    """
+    import torch.nn.functional as F
+
+    shape = data.shape
+    sp = np.asarray(spacing, dtype=np.float64)
+    half = (np.asarray(shape) - 1) / 2.0 * sp  # half extent (mm) per axis, array order
+    ang = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, size=3))
+    rot = np.eye(3)
+    for ax, a in enumerate(ang):
+        i, j = [k for k in range(3) if k != ax]
+        r = np.eye(3)
+        r[i, i] = r[j, j] = np.cos(a)
+        r[i, j], r[j, i] = -np.sin(a), np.sin(a)
+        rot = r @ rot
+    s = rng.uniform(*scale) * rng.uniform(*axis_scale, size=3)
+    inv = np.linalg.inv(rot @ np.diag(s))  # output point -> source point (mm)
+    coarse = rng.normal(0.0, elastic_mm, size=(3, grid, grid, grid))
+    # grid_sample's last grid dimension is ordered (W, H, D) = array axes (2, 1, 0); normalised = mm / half
+    rev = [2, 1, 0]
+    theta = np.diag(1.0 / half[rev]) @ inv[np.ix_(rev, rev)] @ np.diag(half[rev])
+    with torch.no_grad():
+        t = torch.zeros(1, 3, 4, dtype=torch.float32)
+        t[0, :, :3] = torch.from_numpy(theta.astype(np.float32))
+        g = F.affine_grid(t, [1, 1, *shape], align_corners=True)
+        disp = torch.from_numpy((coarse[rev] / half[rev][:, None, None, None]).astype(np.float32))[None]
+        disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
+        g = g + disp[0].permute(1, 2, 3, 0)[None]
+        del disp
+        out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None], g,
+                            mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0].numpy()
+    desc = "deform-rot" + ",".join(f"{np.rad2deg(a):.0f}" for a in ang) + "-scale" + ",".join(f"{x:.2f}" for x in s)
+    return np.ascontiguousarray(out, dtype=np.float32), desc
+
+
+def synthesize_volume(data: np.ndarray, spacing, rng: np.random.Generator, k: int = 4) -> tuple[np.ndarray, str]:
+    """Label-map synthesis of a new clean training volume: the anatomy deformed (:func:`deform_anatomy`), then
+    every intensity class re-rendered with a random new intensity
+    (:class:`artifactqc.training.pairs.TissueRenderer`: k-means classes of the deformed volume as a soft label
+    map, each class's own texture kept).
+
+    This is the label-map synthesis of SynthSeg (TorchIO ``RandomLabelsToImage``) adapted to a quality model:
+    ``RandomLabelsToImage`` draws each label's texture as Gaussian noise of a random sd, which is the noise
+    artifact itself, so here a class keeps the volume's texture (scaled) and the clean synthetic volume stays
+    as clean as the real one. A volume with too few foreground voxels for classes keeps its intensities.
+    Returns ``(data, description)`` (the volume rescaled like every training volume).
+    """
+    from .pairs import TissueRenderer
+
+    data, desc = deform_anatomy(data, spacing, rng)
+    try:
+        data, d = TissueRenderer(data, k).render(rng)
+    except ValueError:
+        return scale_for_simulation(data), desc
+    return data, f"{desc}+{d}"
+
+
 def _augment_volume(v: _CleanVolume, rng: np.random.Generator, contrast: float, mask: float, resample: float,
-                    thick: float = 0.0):
+                    thick: float = 0.0, synth: float = 0.0):
     """Volume-level augmentation *before* simulation (so the scorer's normalisation comes after both).
 
     * skull-stripping look (prob ``mask``): voxels outside :func:`_brain_mask` set to 0;
@@ -131,6 +202,8 @@ def _augment_volume(v: _CleanVolume, rng: np.random.Generator, contrast: float, 
       clean volume (either direction) must not read as an artifact. (Session 2 resampled only volumes finer
       than 1.4 mm, never the 2 mm IXI majority, and the benchmark's 1.5 mm resampling raised clean scores of
       2 mm IXI volumes by 0.3–0.6.)
+    * label-map synthesis (prob ``synth``, instead of the contrast step): :func:`synthesize_volume`, a
+      deformed anatomy with a random intensity per tissue class. No draw is made when ``synth`` is 0.
     * thick-slice acquisition (prob ``thick``, last): :func:`thick_acquisition`, a 2D protocol's 3–6 mm
       slices on their own grid. No random draw is made when ``thick`` is 0, so runs without it keep their
       random streams.
@@ -145,7 +218,10 @@ def _augment_volume(v: _CleanVolume, rng: np.random.Generator, contrast: float, 
     if v.brain is not None and rng.random() < mask:
         data = data * v.brain
         desc.append("brainmask")
-    if rng.random() < contrast:
+    if synth > 0 and rng.random() < synth:
+        data, d = synthesize_volume(data, spacing, rng)
+        desc.append(d)
+    elif rng.random() < contrast:
         if rng.random() < 0.5:
             data, d = _tissue_remap(data, rng)
             data = scale_for_simulation(data)

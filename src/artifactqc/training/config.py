@@ -37,6 +37,9 @@ class TrainConfig:
     default); see :mod:`artifactqc.training.augment`. ``zoom_augment``: that fraction of the items is
     sampled at finer pixels over the same field of view (:data:`artifactqc.training.pool.ZOOM_PIXEL_FRACTIONS`),
     so that the encoder learns that the larger anatomy of a finer grid is not an artifact;
+    ``synth_augment``: that fraction of the items is a label-map synthesis of a new anatomy and contrast
+    (:func:`artifactqc.training.augment.synthesize_volume`: the volume deformed, its intensity classes
+    re-rendered; off by default) instead of the contrast augmentation.
     ``thick_pixel_ratio`` > 0 is the model's slice geometry for thick-slice scans
     (``SliceConfig.thick_pixel_ratio``, kept in ``model.json``); both off by default.
     ``slice_sim_fraction`` > 0 replaces that fraction of each batch's negatives with the cheap 2D simulator on
@@ -103,6 +106,7 @@ class TrainConfig:
     resample_augment: float = 0.5
     thick_augment: float = 0.0
     zoom_augment: float = 0.0
+    synth_augment: float = 0.0
     thick_pixel_ratio: float = 0.0
     slice_sim_fraction: float = 0.0
     slice_group: int = 1
@@ -122,13 +126,15 @@ class TrainConfig:
     init: str | None = None
 
     def __post_init__(self):
-        for name in ("render_pairs", "rank_pairs", "pair_batch", "thick_augment", "zoom_augment"):
+        for name in ("render_pairs", "rank_pairs", "pair_batch", "thick_augment", "zoom_augment",
+                     "synth_augment"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.render_pairs + self.rank_pairs > 1.0:
             raise ValueError(f"render_pairs + rank_pairs must be at most 1, got {self.render_pairs} + {self.rank_pairs}")
-        if self.zoom_augment > 0 and self.render_pairs + self.rank_pairs > 0:
-            raise ValueError("zoom_augment cannot be combined with render_pairs or rank_pairs")
+        for name in ("zoom_augment", "synth_augment"):
+            if getattr(self, name) > 0 and self.render_pairs + self.rank_pairs > 0:
+                raise ValueError(f"{name} cannot be combined with render_pairs or rank_pairs")
         if float(self.thick_pixel_ratio) < 0:
             raise ValueError(f"thick_pixel_ratio must be >= 0 (0 = off), got {self.thick_pixel_ratio}")
         if int(self.pair_planes) < 1:
@@ -156,7 +162,7 @@ class TrainConfig:
         keys = ("val_fraction", "epochs", "batch_size", "lr", "seed", "patience", "image_size", "pixel_mm",
                 "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
-                "thick_augment", "zoom_augment", "thick_pixel_ratio", "slice_sim_fraction", "slice_group",
+                "thick_augment", "zoom_augment", "synth_augment", "thick_pixel_ratio", "slice_sim_fraction", "slice_group",
                 "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
                 "rank_margin", "rank_heads", "pair_batch", "pair_planes", "init")

@@ -46,7 +46,7 @@ def _simulate_volume(data, artifact, severity, seed, spacing, match_ssim: bool =
 def make_pool_entry(
     v: _CleanVolume, artifact: str, severity: float, seed: int, cfg: SliceConfig, sim_fn=None,
     contrast: float = 0.5, mask: float = 0.25, resample: float = 0.3, thick: float = 0.0, zoom: float = 0.0,
-    dtype=torch.float16,
+    synth: float = 0.0, dtype=torch.float16,
 ) -> dict:
     """One training item on the inference path: augment the clean volume, corrupt it in 3D at its native
     resolution (``simulate.simulate_volume``), and extract the slices of the clean and of the corrupted
@@ -58,7 +58,7 @@ def make_pool_entry(
     ``severity``, ``targets`` [5] (per-head severities, :data:`HEADS` order) and ``artifact``.
     """
     rng = np.random.default_rng(seed)
-    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample, thick)
+    data, spacing, aug = _augment_volume(v, rng, contrast, mask, resample, thick, synth)
     artifact = _graded_artifact(artifact, aug, rng)
     sim = sim_fn or _simulate_volume
     corrupted, params = sim(data, artifact, float(severity), int(rng.integers(0, 2**31 - 1)), spacing)
