@@ -596,6 +596,70 @@ def test_resample_augmentation_skips_thick_slice_volumes():
         assert out.shape == data.shape and spacing == (1.0, 1.0, 5.0)
 
 
+def _sphere(shape, spacing, radius_mm):
+    """A binary sphere of ``radius_mm`` at the centre of a grid of ``spacing`` (mm)."""
+    axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
+    g = np.meshgrid(*axes, indexing="ij")
+    return (sum(x**2 for x in g) < radius_mm**2).astype(np.float32)
+
+
+def _extent_mm(mask, spacing):
+    """The physical extent (mm, voxel centres) of a mask along each axis."""
+    out = []
+    for ax, s in enumerate(spacing):
+        idx = np.nonzero(mask.any(axis=tuple(i for i in range(3) if i != ax)))[0]
+        out.append((idx[-1] - idx[0]) * s)
+    return np.array(out)
+
+
+def test_deform_anatomy_works_in_millimetres():
+    """The deformation scales and rotates in millimetres on anisotropic grids: a sphere scaled by 1.1 has 1.1 x
+    its diameter along every axis, and a rotated sphere stays a sphere of the same diameter (a rotation in voxel
+    units on a 1 x 1 x 2 mm grid would turn it into a tilted ellipsoid); no parameter, no change."""
+    from artifactqc.training.augment import deform_anatomy
+
+    spacing = (1.0, 1.0, 2.0)
+    ball = _sphere((64, 64, 32), spacing, 20.0)
+    d0 = _extent_mm(ball > 0.5, spacing)
+    same, _ = deform_anatomy(ball, spacing, np.random.default_rng(0), rotation_deg=0, scale=(1, 1), axis_scale=(1, 1),
+                             elastic_mm=0)
+    assert np.abs(same - ball).max() < 1e-4
+    big, desc = deform_anatomy(ball, spacing, np.random.default_rng(0), rotation_deg=0, scale=(1.1, 1.1),
+                               axis_scale=(1, 1), elastic_mm=0)
+    assert "scale1.10,1.10,1.10" in desc
+    np.testing.assert_allclose(_extent_mm(big > 0.5, spacing), 1.1 * d0, atol=2.01)
+    for seed in range(3):
+        rot, desc = deform_anatomy(ball, spacing, np.random.default_rng(seed), rotation_deg=45, scale=(1, 1),
+                                   axis_scale=(1, 1), elastic_mm=0)
+        np.testing.assert_allclose(_extent_mm(rot > 0.5, spacing), d0, atol=2.01)
+        assert abs(float((rot > 0.5).sum()) / float(ball.sum()) - 1) < 0.03, desc
+
+
+def test_synthesize_volume_new_anatomy_and_contrast():
+    """Label-map synthesis: reproducible for a seed, a new shape and new tissue intensities for another seed,
+    background around the head; ``synth_augment`` items are made that way (and say so)."""
+    from artifactqc.training.augment import _augment_volume, synthesize_volume
+    from artifactqc.training.volumes import _CleanVolume
+
+    data = io.normalize_intensity(_phantom((40, 44, 36)))
+    a, da = synthesize_volume(data, (2.0, 2.0, 2.0), np.random.default_rng(1))
+    a2, _ = synthesize_volume(data, (2.0, 2.0, 2.0), np.random.default_rng(1))
+    b, db = synthesize_volume(data, (2.0, 2.0, 2.0), np.random.default_rng(2))
+    np.testing.assert_array_equal(a, a2)
+    assert a.shape == data.shape and "deform" in da and "render" in da and da != db
+    head = data > 0.08
+    grow = np.prod([float(x) for x in da.split("scale")[1].split("+")[0].split(",")])  # the drawn scales
+    assert (a > 0.08).mean() == pytest.approx(head.mean() * grow, rel=0.1)  # the head scaled, background around it
+    assert float(a[0].max()) < 0.08 and float(a[-1].max()) < 0.08
+    assert ((a > 0.08) != head).mean() > 0.005  # the head moved
+    core = _phantom((40, 44, 36)) > 130  # the bright inner structure: its contrast to the rest of the head changes
+    ratios = [float(x[core].mean() / x[head & ~core & (x > 0.08)].mean()) for x in (a, b)]
+    assert max(ratios) - min(ratios) > 0.1
+    v = _CleanVolume("toy", data, (2.0, 2.0, 2.0))
+    descs = {_augment_volume(v, np.random.default_rng(s), 1.0, 0.0, 0.0, synth=0.5)[2] for s in range(10)}
+    assert any("deform" in d for d in descs) and any(d.startswith("remap") or d.startswith("gamma") for d in descs)
+
+
 def test_thick_acquisition_keeps_extent_and_integrates_slabs():
     """The thick-slice acquisition keeps the in-plane grid, puts 3-6 mm slices on their own grid inside the
     volume's extent, and each slice integrates its slab: a step edge across the slice axis becomes a ramp at
@@ -736,6 +800,18 @@ def test_zoom_training_with_thick_pixels_scores_a_thick_scan_on_its_finer_grid(t
     assert sinfo["image_size"] > 32 and sinfo["pixel_mm"] < 4.0
     with pytest.raises(ValueError, match="zoom_augment"):
         _train(tmp_path / "z2", paths, epochs=1, zoom_augment=0.5, rank_pairs=0.5)
+
+
+def test_synth_training_runs_and_is_recorded(tmp_path, toy_cohort):
+    """Training on label-map-synthesised items only runs end to end and records the setting; it cannot be
+    combined with paired items (whose members must share one anatomy)."""
+    paths, _ = toy_cohort
+    m = _train(tmp_path / "sy", paths, epochs=1, synth_augment=1.0, val_volumes=[str(paths[0])])
+    assert m["epochs_run"] == 1 and math.isfinite(m["best_val_loss"])
+    info = json.loads((tmp_path / "sy" / "model.json").read_text())
+    assert info["training"]["hyperparameters"]["synth_augment"] == 1.0
+    with pytest.raises(ValueError, match="synth_augment"):
+        _train(tmp_path / "sy2", paths, epochs=1, synth_augment=0.5, render_pairs=0.5)
 
 
 def test_ssim_matched_training_uses_and_records_the_matched_simulator(tmp_path, toy_cohort):
