@@ -635,6 +635,20 @@ def test_deform_anatomy_works_in_millimetres():
         assert abs(float((rot > 0.5).sum()) / float(ball.sum()) - 1) < 0.03, desc
 
 
+def test_deform_anatomy_keeps_sharpness_with_cubic_sampling():
+    """Sub-voxel displacements with cubic B-spline sampling (the default) keep the texture's gradients; trilinear
+    sampling blurs them (a synthesised item must not teach that blur is clean)."""
+    from artifactqc.training.augment import deform_anatomy
+
+    data = io.normalize_intensity(_phantom((40, 44, 36)))
+    grad = lambda v: float(np.abs(np.diff(v, axis=0)).mean())  # noqa: E731
+    kw = dict(rotation_deg=0, scale=(1, 1), axis_scale=(1, 1), elastic_mm=1.0)
+    cubic, _ = deform_anatomy(data, (2.0, 2.0, 2.0), np.random.default_rng(0), **kw)
+    linear, _ = deform_anatomy(data, (2.0, 2.0, 2.0), np.random.default_rng(0), order=1, **kw)
+    assert 0.93 < grad(cubic) / grad(data) < 1.1  # neither blurred nor sharpened (noise amplified)
+    assert grad(linear) / grad(data) < grad(cubic) / grad(data) - 0.05
+
+
 def test_synthesize_volume_new_anatomy_and_contrast():
     """Label-map synthesis: reproducible for a seed, a new shape and new tissue intensities for another seed,
     background around the head; ``synth_augment`` items are made that way (and say so)."""

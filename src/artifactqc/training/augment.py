@@ -119,18 +119,22 @@ def thick_acquisition(data: np.ndarray, spacing, rng: np.random.Generator, thick
 
 #: Spatial deformation of ``synth_augment`` items (:func:`deform_anatomy`): rotation (degrees, each axis),
 #: overall scale, per-axis scale and the sd (mm) of the smooth displacement's control points.
-DEFORM = {"rotation_deg": 12.0, "scale": (0.88, 1.12), "axis_scale": (0.95, 1.05), "elastic_mm": 2.5, "grid": 5}
+DEFORM = {"rotation_deg": 12.0, "scale": (0.88, 1.12), "axis_scale": (0.95, 1.05), "elastic_mm": 2.5, "grid": 5,
+          "order": 3}
 
 
 def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation_deg: float = DEFORM["rotation_deg"],
                    scale=DEFORM["scale"], axis_scale=DEFORM["axis_scale"], elastic_mm: float = DEFORM["elastic_mm"],
-                   grid: int = DEFORM["grid"]) -> tuple[np.ndarray, str]:
+                   grid: int = DEFORM["grid"], order: int = DEFORM["order"]) -> tuple[np.ndarray, str]:
     """A new anatomy from a training volume: a random rotation (up to ``rotation_deg`` about each axis), scale
     (overall ``scale`` times per axis ``axis_scale``) and smooth elastic displacement (a ``grid``³ lattice of
     N(0, ``elastic_mm``) mm displacements, upsampled trilinearly), about the volume's centre, in millimetres
-    (anisotropic voxels stay right), on the volume's own grid. Trilinear sampling (``torch`` ``grid_sample``,
-    zeros outside): its smoothing is a benign resampling, not an artifact (as the resampling augmentation). The
-    parameters come from ``rng``, so an item is reproducible. Returns ``(data, description)``.
+    (anisotropic voxels stay right), on the volume's own grid, zeros outside. ``order`` 3: cubic B-spline
+    sampling (``scipy.ndimage.map_coordinates``, negative overshoot clipped), which keeps the volume's
+    sharpness; ``order`` 1: trilinear (``torch`` ``grid_sample``, faster), whose smoothing at sub-voxel shifts
+    is a blur of up to half a voxel: a model trained with it on half of its items graded blur and motion on
+    the clinical 2D fold *below* chance (AUROC 0.64 -> 0.38 and 0.63 -> 0.43, seed 0). The parameters come
+    from ``rng``, so an item is reproducible. Returns ``(data, description)``.
     """
     import torch.nn.functional as F
 
@@ -159,8 +163,17 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
         disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
         g = g + disp[0].permute(1, 2, 3, 0)[None]
         del disp
-        out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None], g,
-                            mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0].numpy()
+        vol = np.ascontiguousarray(data, dtype=np.float32)
+        if order == 1:
+            out = F.grid_sample(torch.from_numpy(vol)[None, None], g, mode="bilinear", padding_mode="zeros",
+                                align_corners=True)[0, 0].numpy()
+        else:
+            from scipy import ndimage as ndi
+
+            coords = np.stack([((g[0, ..., 2 - a] + 1.0) * (0.5 * (shape[a] - 1))).numpy() for a in range(3)])
+            del g
+            out = np.maximum(ndi.map_coordinates(vol, coords, order=order, mode="constant", cval=0.0,
+                                                 prefilter=True, output=np.float32), 0.0)
     desc = "deform-rot" + ",".join(f"{np.rad2deg(a):.0f}" for a in ang) + "-scale" + ",".join(f"{x:.2f}" for x in s)
     return np.ascontiguousarray(out, dtype=np.float32), desc
 
