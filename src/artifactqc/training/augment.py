@@ -131,10 +131,12 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
     N(0, ``elastic_mm``) mm displacements, upsampled trilinearly), about the volume's centre, in millimetres
     (anisotropic voxels stay right), on the volume's own grid, zeros outside. ``order`` 3: cubic B-spline
     sampling (``scipy.ndimage.map_coordinates``, negative overshoot clipped), which keeps the volume's
-    sharpness; ``order`` 1: trilinear (``torch`` ``grid_sample``, faster), whose smoothing at sub-voxel shifts
-    is a blur of up to half a voxel: a model trained with it on half of its items graded blur and motion on
-    the clinical 2D fold *below* chance (AUROC 0.64 -> 0.38 and 0.63 -> 0.43, seed 0). The parameters come
-    from ``rng``, so an item is reproducible. Returns ``(data, description)``.
+    sharpness (mean absolute gradient 0.97-1.06 of the original under sub-voxel shifts); ``order`` 1: trilinear
+    (``torch`` ``grid_sample``, faster), whose smoothing at sub-voxel shifts is a blur of up to half a voxel
+    (gradient 0.82). Both gave the same loss on the clinical 2D fold (blur and motion AUROC 0.64 / 0.63 ->
+    0.38 / 0.43 trilinear, 0.45 / 0.47 cubic, seed 0; ``benchmarks/crosssite/README.md``), so the
+    interpolation was not its cause. The parameters come from ``rng``, so an item is reproducible.
+    Returns ``(data, description)``.
     """
     import torch.nn.functional as F
 
