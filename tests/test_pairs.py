@@ -16,8 +16,8 @@ from artifactqc.encoder.network import SCORE_SCALE
 from artifactqc.encoder.slices import scale_for_simulation
 from artifactqc.training.config import TrainConfig
 from artifactqc.training.losses import consistency_loss, head_ranking_loss, ranking_loss
-from artifactqc.training.pairs import (FOREGROUND, _PairPool, make_rank_entries, make_twin_entries, median3,
-                                       render_tissues, tissue_classes)
+from artifactqc.training.pairs import _PairPool, make_rank_entries, make_twin_entries
+from artifactqc.training.tissues import FOREGROUND, median3, render_tissues, tissue_classes
 from artifactqc.training.volumes import _CleanVolume
 
 from .test_model import _toy_sim, _train, toy_cohort  # noqa: F401  (toy_cohort is a fixture)

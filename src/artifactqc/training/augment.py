@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..encoder.slices import scale_for_simulation, subsample_step
+from .tissues import TissueRenderer
 from .volumes import _CleanVolume
 
 
@@ -183,7 +184,7 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
 def synthesize_volume(data: np.ndarray, spacing, rng: np.random.Generator, k: int = 4) -> tuple[np.ndarray, str]:
     """Label-map synthesis of a new clean training volume: the anatomy deformed (:func:`deform_anatomy`), then
     every intensity class re-rendered with a random new intensity
-    (:class:`artifactqc.training.pairs.TissueRenderer`: k-means classes of the deformed volume as a soft label
+    (:class:`artifactqc.training.tissues.TissueRenderer`: k-means classes of the deformed volume as a soft label
     map, each class's own texture kept).
 
     This is the label-map synthesis of SynthSeg (TorchIO ``RandomLabelsToImage``) adapted to a quality model:
@@ -192,8 +193,6 @@ def synthesize_volume(data: np.ndarray, spacing, rng: np.random.Generator, k: in
     as clean as the real one. A volume with too few foreground voxels for classes keeps its intensities.
     Returns ``(data, description)`` (the volume rescaled like every training volume).
     """
-    from .pairs import TissueRenderer
-
     data, desc = deform_anatomy(data, spacing, rng)
     try:
         data, d = TissueRenderer(data, k).render(rng)
