@@ -628,7 +628,7 @@ TRIED = (
      "AUROC +0.023 at this budget, none at the builtin's; option, off"),
     ("zoom items (`zoom_augment`)", "results-zoom.md", "clean offsets down, ranking worse; option, off"),
     ("label-map synthesis: deformed anatomy, re-rendered tissues (`synth_augment`)", "results-synth.md",
-     "AUROC -0.021 (clinical 2D -0.08); option, off"),
+     "no mean gain; new scanners +0.04 / +0.07 per seed; option, off"),
     ("longer training (2400 steps, the builtin's budget)", "results_long.md", "3D folds gain, clinical 2D loses"),
 )
 

@@ -134,10 +134,8 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
     sampling (``scipy.ndimage.map_coordinates``, negative overshoot clipped), which keeps the volume's
     sharpness (mean absolute gradient 0.97-1.06 of the original under sub-voxel shifts); ``order`` 1: trilinear
     (``torch`` ``grid_sample``, faster), whose smoothing at sub-voxel shifts is a blur of up to half a voxel
-    (gradient 0.82). Both gave the same loss on the clinical 2D fold (blur and motion AUROC 0.64 / 0.63 ->
-    0.38 / 0.43 trilinear, 0.45 / 0.47 cubic, seed 0; ``benchmarks/crosssite/README.md``), so the
-    interpolation was not its cause. The parameters come from ``rng``, so an item is reproducible.
-    Returns ``(data, description)``.
+    (gradient 0.82), which would teach that a blurred volume is clean. The parameters come from ``rng``, so an
+    item is reproducible. Returns ``(data, description)``.
     """
     import torch.nn.functional as F
 
