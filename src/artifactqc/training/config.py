@@ -162,8 +162,8 @@ class TrainConfig:
         keys = ("val_fraction", "epochs", "batch_size", "lr", "seed", "patience", "image_size", "pixel_mm",
                 "steps_per_epoch", "train_slices_per_axis", "val_severities", "pool_size", "pool_init_per_volume",
                 "sim_time_fraction", "pool_refresh", "contrast_augment", "mask_augment", "resample_augment",
-                "thick_augment", "zoom_augment", "synth_augment", "thick_pixel_ratio", "slice_sim_fraction", "slice_group",
-                "bn_recalib_batches", "ema_decay", "volume_head",
+                "thick_augment", "zoom_augment", "synth_augment", "thick_pixel_ratio", "slice_sim_fraction",
+                "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
                 "rank_margin", "rank_heads", "pair_batch", "pair_planes", "init")
         d = {k: getattr(self, k) for k in keys}

@@ -212,7 +212,8 @@ def _initial_pool(tr_vols, simulate_fn, run: _Run) -> _Pool:
         pool = _PairPool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug, cfg.render_pairs,
                          cfg.rank_pairs)
     else:
-        pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn, aug | {"zoom": cfg.zoom_augment, "synth": cfg.synth_augment})
+        pool = _Pool(tr_vols, run.train_cfg, cfg.pool_size, cfg.seed, simulate_fn,
+                     aug | {"zoom": cfg.zoom_augment, "synth": cfg.synth_augment})
     n_init = min(pool.capacity, max(2, int(cfg.pool_init_per_volume) * len(tr_vols)))
     t0 = time.perf_counter()
     init_budget = None if run.deadline is None or run.step_budget else 0.35 * (run.deadline - time.perf_counter())

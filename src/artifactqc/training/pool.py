@@ -52,7 +52,8 @@ def make_pool_entry(
     resolution (``simulate.simulate_volume``), and extract the slices of the clean and of the corrupted
     volume with :func:`artifactqc.encoder.slices.extract_from_array` (the scorer's code: percentile normalisation
     *after* corruption, then 1.5 mm sampling). With probability ``zoom`` the slices are sampled at one of
-    :data:`ZOOM_PIXEL_FRACTIONS` of its pixel over the same field of view instead (more, finer pixels).
+    :data:`ZOOM_PIXEL_FRACTIONS` of its pixel over the same field of view instead (more, finer pixels). With
+    probability ``synth`` the clean volume is a label-map synthesis (:func:`_augment_volume`).
 
     Returns a dict with ``clean``/``corrupt`` slices ``[N,1,S,S]`` (``dtype``), ``axis`` [N],
     ``severity``, ``targets`` [5] (per-head severities, :data:`HEADS` order) and ``artifact``.
