@@ -130,11 +130,11 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
     """A new anatomy from a training volume: a random rotation (up to ``rotation_deg`` about each axis), scale
     (overall ``scale`` times per axis ``axis_scale``) and smooth elastic displacement (a ``grid``³ lattice of
     N(0, ``elastic_mm``) mm displacements, upsampled trilinearly), about the volume's centre, in millimetres
-    (anisotropic voxels stay right), on the volume's own grid, zeros outside. ``order`` 3: cubic B-spline
-    sampling (``scipy.ndimage.map_coordinates``, negative overshoot clipped), which keeps the volume's
-    sharpness (mean absolute gradient 0.97-1.06 of the original under sub-voxel shifts); ``order`` 1: trilinear
-    (``torch`` ``grid_sample``, faster), whose smoothing at sub-voxel shifts is a blur of up to half a voxel
-    (gradient 0.82), which would teach that a blurred volume is clean. The parameters come from ``rng``, so an
+    (anisotropic voxels stay right), on the volume's own grid, zeros outside, sampled with
+    ``scipy.ndimage.map_coordinates`` of spline ``order`` (the sampling grid built with ``torch``'s
+    ``affine_grid``). ``order`` 3, cubic B-spline (negative overshoot clipped), keeps the volume's sharpness
+    (mean absolute gradient 0.97-1.06 of the original under sub-voxel shifts); ``order`` 1, trilinear, blurs
+    by up to half a voxel (gradient 0.82), which would teach that a blurred volume is clean. The parameters come from ``rng``, so an
     item is reproducible. Returns ``(data, description)``.
     """
     import torch.nn.functional as F
@@ -153,7 +153,7 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
     s = rng.uniform(*scale) * rng.uniform(*axis_scale, size=3)
     inv = np.linalg.inv(rot @ np.diag(s))  # output point -> source point (mm)
     coarse = rng.normal(0.0, elastic_mm, size=(3, grid, grid, grid))
-    # grid_sample's last grid dimension is ordered (W, H, D) = array axes (2, 1, 0); normalised = mm / half
+    # affine_grid's last dimension is ordered (W, H, D) = array axes (2, 1, 0); normalised = mm / half
     rev = [2, 1, 0]
     theta = np.diag(1.0 / half[rev]) @ inv[np.ix_(rev, rev)] @ np.diag(half[rev])
     with torch.no_grad():
@@ -164,17 +164,12 @@ def deform_anatomy(data: np.ndarray, spacing, rng: np.random.Generator, rotation
         disp = F.interpolate(disp, size=shape, mode="trilinear", align_corners=True)
         g = g + disp[0].permute(1, 2, 3, 0)[None]
         del disp
-        vol = np.ascontiguousarray(data, dtype=np.float32)
-        if order == 1:
-            out = F.grid_sample(torch.from_numpy(vol)[None, None], g, mode="bilinear", padding_mode="zeros",
-                                align_corners=True)[0, 0].numpy()
-        else:
-            from scipy import ndimage as ndi
+        coords = np.stack([((g[0, ..., 2 - a] + 1.0) * (0.5 * (shape[a] - 1))).numpy() for a in range(3)])
+        del g
+    from scipy import ndimage as ndi
 
-            coords = np.stack([((g[0, ..., 2 - a] + 1.0) * (0.5 * (shape[a] - 1))).numpy() for a in range(3)])
-            del g
-            out = np.maximum(ndi.map_coordinates(vol, coords, order=order, mode="constant", cval=0.0,
-                                                 prefilter=True, output=np.float32), 0.0)
+    out = np.maximum(ndi.map_coordinates(np.ascontiguousarray(data, dtype=np.float32), coords, order=order,
+                                         mode="constant", cval=0.0, prefilter=True, output=np.float32), 0.0)
     desc = "deform-rot" + ",".join(f"{np.rad2deg(a):.0f}" for a in ang) + "-scale" + ",".join(f"{x:.2f}" for x in s)
     return np.ascontiguousarray(out, dtype=np.float32), desc
 
