@@ -160,8 +160,11 @@ def fold_split(data: Path, fold: str) -> dict:
 #: training data variants: ``raw3d`` = the 3D volumes as stored (the v9 recipe; thick-slice scans never train);
 #: ``n4sr`` = the workflow's own training path: every training-site volume N4-corrected, thick-slice scans then
 #: super-resolved (config/config.yaml ``preprocess`` defaults), so the 2D clinical scans train too; ``sr`` = the
-#: 3D volumes as stored plus the thick-slice scans super-resolved without N4 (intensities as acquired)
-DATA_VARIANTS = ("raw3d", "n4sr", "sr")
+#: 3D volumes as stored plus the thick-slice scans super-resolved without N4 (intensities as acquired); ``raw`` =
+#: every training-site volume as stored, thick-slice scans included on their own grid: the trainer keeps only
+#: their acquisition-plane slices (:func:`artifactqc.training.pool._keep_slices`), the planes the scorer grades
+#: them on, and the simulator draws their anisotropy, ghosting and motion along an in-plane axis
+DATA_VARIANTS = ("raw3d", "n4sr", "sr", "raw")
 PREP = CACHE / "prep"
 
 
@@ -214,6 +217,8 @@ def training_files(data: Path, split: dict, variant: str) -> tuple[list[str], li
     """Training and validation paths of a fold for a data variant."""
     if variant == "raw3d":
         return [str(data / f) for f in split["train"]], [str(data / f) for f in split["val"]]
+    if variant == "raw":
+        return [str(data / f) for f in split["train"] + split["excluded_thick_from_training"]], [str(data / f) for f in split["val"]]
     if variant == "sr":
         thick = [str(p) for p in prep_volumes(data, split["excluded_thick_from_training"], with_n4=False)]
         return [str(data / f) for f in split["train"]] + thick, [str(data / f) for f in split["val"]]
@@ -578,7 +583,8 @@ def cmd_builtin(args, data: Path) -> dict:
     train_encoder(train, out, val_volumes=val, seed=args.seed, device="cpu", threads=args.threads,
                   model_id=args.model_id, **kw)
     n4 = " (N4)" if args.training_data == "n4sr" else ""
-    thick = [f + (" (N4 + super-resolution)" if n4 else " (super-resolution)") for f in split["excluded_thick_from_training"]]
+    how = {"n4sr": " (N4 + super-resolution)", "sr": " (super-resolution)", "raw": " (as stored)"}.get(args.training_data, "")
+    thick = [f + how for f in split["excluded_thick_from_training"]]
     mj = json.loads((out / "model.json").read_text())
     mj["training"]["train_volumes"] = [f + n4 for f in split["train"]] + (thick if args.training_data != "raw3d" else [])
     mj["training"]["val_volumes"] = [f + n4 for f in split["val"]]
