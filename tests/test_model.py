@@ -828,6 +828,82 @@ def test_synth_training_runs_and_is_recorded(tmp_path, toy_cohort):
         _train(tmp_path / "sy2", paths, epochs=1, synth_augment=0.5, render_pairs=0.5)
 
 
+def test_gradient_reversal_and_its_ramp():
+    """The adversary's features pass unchanged forward and come back with the gradient reversed and scaled;
+    the coefficient ramps from 0 at the start to the weight at the end."""
+    from artifactqc.training.adversary import ramp, reverse_gradient
+
+    x = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(5, 3)
+    y = reverse_gradient(x, 0.7)
+    torch.testing.assert_close(y, x)
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, -0.7 * w)
+    r = [ramp(p, 0.4) for p in np.linspace(0, 1, 11)]
+    assert r[0] == 0.0 and 0.39 < r[-1] <= 0.4 and all(b_ > a_ for a_, b_ in zip(r, r[1:]))
+
+
+def test_volume_adversary_step_hides_the_volume_from_the_features():
+    """One gradient step on the total loss makes the adversary better at naming the volume and the features
+    worse at telling it: the encoder side climbs the adversary's cross-entropy."""
+    from artifactqc.training.adversary import VolumeAdversary
+
+    torch.manual_seed(0)
+    volume = torch.arange(4).repeat(16)
+    x = torch.randn(64, 8) + 2.0 * torch.nn.functional.one_hot(volume, 8).float()  # volume-coded inputs
+    features, adversary = torch.nn.Linear(8, 16), VolumeAdversary(16, 4)
+    ce0, parts = adversary.loss(features(x), volume, 1.0)
+    assert set(parts) == {"adversary", "adversary_acc"}
+    ce0.backward()
+    with torch.no_grad():
+        before = [p.clone() for p in features.parameters()]
+        for p in features.parameters():
+            p -= 0.2 * p.grad
+        ce_features = adversary.loss(features(x), volume, 1.0)[0]  # the features moved, the adversary not
+        for p, b0 in zip(features.parameters(), before):
+            p.copy_(b0)
+        for p in adversary.parameters():
+            p -= 0.2 * p.grad
+        ce_adversary = adversary.loss(features(x), volume, 1.0)[0]
+    assert ce_features > ce0 > ce_adversary
+    with pytest.raises(ValueError, match="at least 2"):
+        VolumeAdversary(16, 1)
+
+
+def test_volume_adversary_training_runs_and_saves_no_adversary(tmp_path, toy_cohort):
+    """Training with ``volume_adversary`` logs the adversary's cross-entropy and accuracy per epoch, records
+    the setting, and saves the same encoder as without it (the adversary is training-only); each sampled
+    triplet's volume label is its entry's training volume."""
+    from artifactqc.encoder.checkpoint import load_model
+
+    paths, _ = toy_cohort
+    _train(tmp_path / "adv", paths, epochs=1, volume_adversary=0.5, val_volumes=[str(paths[0])])
+    _train(tmp_path / "plain", paths, epochs=1, val_volumes=[str(paths[0])])
+    info = json.loads((tmp_path / "adv" / "model.json").read_text())["training"]
+    assert info["hyperparameters"]["volume_adversary"] == 0.5
+    ep = info["epochs"][0]
+    assert math.isfinite(ep["train_adversary"]) and 0.0 <= ep["train_adversary_acc"] <= 1.0
+    assert "train_adversary" not in json.loads((tmp_path / "plain" / "model.json").read_text())["training"]["epochs"][0]
+    keys = {p: set(load_model(tmp_path / p, device="cpu").state_dict()) for p in ("adv", "plain")}
+    assert keys["adv"] == keys["plain"]
+
+    from artifactqc.training.pool import _Pool
+    from artifactqc.training.volumes import _CleanVolume
+
+    cfg = slices.SliceConfig(image_size=32, pixel_mm=2.0, slices_per_axis=4)
+    vols = [_CleanVolume(f"v{i}", io.normalize_intensity(_phantom((40, 44, 36), seed=i)), (1.0, 1.0, 1.0))
+            for i in range(3)]
+    pool = _Pool(vols, cfg, 10, 0, _toy_sim, {"contrast": 0, "mask": 0, "resample": 0})
+    pool.fill(6)
+    gen = torch.Generator().manual_seed(0)
+    xa, *_, vol = pool.sample(12, gen, volumes=True)
+    assert vol.dtype == torch.long and len(set(vol.tolist())) > 1
+    for x, k in zip(xa, vol.tolist()):  # the anchor is a clean slice of an entry of that volume
+        assert any(torch.equal(x, c.float()) for e in pool.entries if e["volume"] == f"v{k}" for c in e["clean"])
+    gen = torch.Generator().manual_seed(0)
+    assert len(pool.sample(12, gen)) == 6
+
+
 def test_ssim_matched_training_uses_and_records_the_matched_simulator(tmp_path, toy_cohort):
     paths, _ = toy_cohort
     m = _train(tmp_path / "s", paths, epochs=1, simulate_fn=None, match_ssim=True, val_volumes=[str(paths[0])])
