@@ -47,6 +47,12 @@ def ramp(progress: float, weight: float) -> float:
     return float(weight) * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
 
 
+#: The adversary's learning rate as a multiple of the encoder's: at the encoder's rate a classifier of ~30
+#: training volumes stayed near chance (cross-entropy 3.29 of log 29 = 3.37, 8 % named) while a linear probe
+#: on the finished encoder's features named 40 % of the clean slices: a weak adversary exerts no pressure.
+LR_SCALE = 10.0
+
+
 class VolumeAdversary(nn.Module):
     """A two-layer classifier from the encoder's hidden vector to one logit per training volume."""
 

@@ -27,7 +27,7 @@ from ..encoder.network import ArtifactEncoder, EncoderConfig, resolve_device
 from ..encoder.slices import SliceConfig
 from ..io import sha256_file
 from ..progress import Progress, track
-from .adversary import VolumeAdversary, ramp
+from .adversary import LR_SCALE, VolumeAdversary, ramp
 from .augment import _apply_contrast, _contrast_augment
 from .config import TRAIN_ARTIFACTS, TrainConfig, demo_config
 from .finetune import load_init
@@ -250,7 +250,7 @@ def _build_adversary(model, opt, n_volumes: int, run: _Run):
     if not run.cfg.volume_adversary:
         return None
     adversary = VolumeAdversary(model.config.hidden, n_volumes).to(run.dev)
-    opt.add_param_group({"params": list(adversary.parameters())})
+    opt.add_param_group({"params": list(adversary.parameters()), "lr_scale": LR_SCALE})
     return adversary
 
 
@@ -271,7 +271,7 @@ class _Schedule:
         prog = min(prog, 1.0)
         f = min(1.0, (prog + 1.0 / self.total_steps) / 0.1) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * prog)))
         for g in self.opt.param_groups:
-            g["lr"] = self.lr * f
+            g["lr"] = self.lr * f * g.get("lr_scale", 1.0)
         return self.lr * f
 
 
