@@ -636,6 +636,10 @@ TRIED = (
     ("label-map synthesis: deformed anatomy, re-rendered tissues (`synth_augment`)", "results-synth.md",
      "no mean gain; new scanners +0.04 / +0.07 per seed; option, off"),
     ("longer training (2400 steps, the builtin's budget)", "results_long.md", "3D folds gain, clinical 2D loses"),
+    ("thick-slice scans in training as stored, on their acquisition planes (`--training-data raw`)", "results-raw.md",
+     "AUROC -0.093 +- 0.029 (every fold worse); dropped"),
+    ("the score made from the heads (2 x max, sum, or with the score output; scoring only)", "README.md, Findings",
+     "AUROC -0.02 to -0.08; not kept"),
 )
 
 
