@@ -828,44 +828,54 @@ def test_synth_training_runs_and_is_recorded(tmp_path, toy_cohort):
         _train(tmp_path / "sy2", paths, epochs=1, synth_augment=0.5, render_pairs=0.5)
 
 
-def test_gradient_reversal_and_its_ramp():
-    """The adversary's features pass unchanged forward and come back with the gradient reversed and scaled;
-    the coefficient ramps from 0 at the start to the weight at the end."""
-    from artifactqc.training.adversary import ramp, reverse_gradient
+def test_adversary_ramp():
+    """The confusion weight ramps from 0 at the start to the configured weight at the end."""
+    from artifactqc.training.adversary import ramp
 
-    x = torch.randn(5, 3, requires_grad=True)
-    w = torch.randn(5, 3)
-    y = reverse_gradient(x, 0.7)
-    torch.testing.assert_close(y, x)
-    (y * w).sum().backward()
-    torch.testing.assert_close(x.grad, -0.7 * w)
     r = [ramp(p, 0.4) for p in np.linspace(0, 1, 11)]
     assert r[0] == 0.0 and 0.39 < r[-1] <= 0.4 and all(b_ > a_ for a_, b_ in zip(r, r[1:]))
 
 
 def test_volume_adversary_step_hides_the_volume_from_the_features():
-    """One gradient step on the total loss makes the adversary better at naming the volume and the features
-    worse at telling it: the encoder side climbs the adversary's cross-entropy."""
+    """One gradient step on the adversarial terms makes the adversary better at naming the volume (its own
+    cross-entropy, from detached features) and moves the features towards a uniform prediction of the fixed
+    adversary (the confusion loss), never the other way round."""
     from artifactqc.training.adversary import VolumeAdversary
 
     torch.manual_seed(0)
     volume = torch.arange(4).repeat(16)
     x = torch.randn(64, 8) + 2.0 * torch.nn.functional.one_hot(volume, 8).float()  # volume-coded inputs
     features, adversary = torch.nn.Linear(8, 16), VolumeAdversary(16, 4)
-    ce0, parts = adversary.loss(features(x), volume, 1.0)
-    assert set(parts) == {"adversary", "adversary_acc"}
-    ce0.backward()
+
+    def ce_and_confusion():
+        with torch.no_grad():
+            logits = adversary.net(features(x))
+            return (torch.nn.functional.cross_entropy(logits, volume).item(),
+                    -torch.log_softmax(logits, 1).mean().item())
+
+    ce0, conf0 = ce_and_confusion()
+    total, parts = adversary.loss(features(x), volume, 1.0)
+    assert set(parts) == {"adversary", "adversary_acc", "confusion"}
+    assert parts["adversary"] == pytest.approx(ce0, rel=1e-5) and parts["confusion"] == pytest.approx(conf0, rel=1e-5)
+    total.backward()
     with torch.no_grad():
-        before = [p.clone() for p in features.parameters()]
+        adv_grad = [p.grad.clone() for p in adversary.parameters()]
         for p in features.parameters():
             p -= 0.2 * p.grad
-        ce_features = adversary.loss(features(x), volume, 1.0)[0]  # the features moved, the adversary not
-        for p, b0 in zip(features.parameters(), before):
-            p.copy_(b0)
-        for p in adversary.parameters():
-            p -= 0.2 * p.grad
-        ce_adversary = adversary.loss(features(x), volume, 1.0)[0]
-    assert ce_features > ce0 > ce_adversary
+        _, conf_features = ce_and_confusion()  # only the features moved
+        for p in features.parameters():
+            p += 0.2 * p.grad
+        for p, g in zip(adversary.parameters(), adv_grad):
+            p -= 0.2 * g
+        ce_adversary, _ = ce_and_confusion()  # only the adversary moved
+        for p, g in zip(adversary.parameters(), adv_grad):
+            p += 0.2 * g
+    assert conf_features < conf0 and ce_adversary < ce0
+    # the adversary's gradient is that of its cross-entropy alone: the confusion term does not train it
+    adversary.zero_grad()
+    torch.nn.functional.cross_entropy(adversary.net(features(x).detach()), volume).backward()
+    for p, g in zip(adversary.parameters(), adv_grad):
+        torch.testing.assert_close(p.grad, g)
     with pytest.raises(ValueError, match="at least 2"):
         VolumeAdversary(16, 1)
 

@@ -78,8 +78,8 @@ class TrainConfig:
     ``pair_planes`` planes each (the same planes in both members).
 
     ``volume_adversary`` > 0 (off by default) trains a classifier of the training volume from the encoder's
-    hidden features behind a gradient reversal of that weight (ramped up over the run,
-    :mod:`artifactqc.training.adversary`): the encoder learns features that do not tell the training volumes
+    hidden features and gives the encoder that weight (ramped up over the run) of a confusion loss against it
+    (:mod:`artifactqc.training.adversary`): the encoder learns features that do not tell the training volumes
     (anatomy, contrast, site) apart.
 
     ``init`` (a model folder, or ``"builtin"`` for the model shipped with the package; ``None``: from scratch)

@@ -296,8 +296,8 @@ def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, 
                  adversary=None):
     """``steps_per_epoch`` optimizer steps on triplet batches from the pool (each counted on ``bar``);
     returns the mean loss parts and the last learning rate. With an ``adversary`` every step adds its
-    cross-entropy on the hidden features of the batch's clean and corrupted slices, through the gradient
-    reversal (:mod:`artifactqc.training.adversary`)."""
+    cross-entropy and the encoder's confusion loss on the hidden features of the batch's clean and corrupted
+    slices (:mod:`artifactqc.training.adversary`)."""
     cfg, dev, group = run.cfg, run.dev, run.group
     sums: dict[str, float] = {}
     cur_lr = None
@@ -320,8 +320,8 @@ def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, 
             loss = loss + extra
             parts.update(pair_parts)
         if adversary is not None:
-            coefficient = ramp(schedule.step / schedule.total_steps, cfg.volume_adversary)
-            adv, adv_parts = adversary.loss(out["hidden"][:4 * b], volume.repeat(4).to(dev), coefficient)
+            weight = ramp(schedule.step / schedule.total_steps, cfg.volume_adversary)
+            adv, adv_parts = adversary.loss(out["hidden"][:4 * b], volume.repeat(4).to(dev), weight)
             loss = loss + adv
             parts.update(adv_parts)
         opt.zero_grad(set_to_none=True)
@@ -359,8 +359,8 @@ def _log_epoch(rec: dict, pool: _Pool, epochs: int) -> None:
         rec["sim_seconds"], rec["pool_added"], len(pool.entries), pool.made,
     )
     if "train_adversary" in rec:
-        log.info("  volume adversary: cross-entropy %.3f, names the volume of %.0f %% of the slices",
-                 rec["train_adversary"], 100 * rec["train_adversary_acc"])
+        log.info("  volume adversary: cross-entropy %.3f, names the volume of %.0f %% of the slices; confusion %.3f",
+                 rec["train_adversary"], 100 * rec["train_adversary_acc"], rec["train_confusion"])
     if isinstance(pool, _PairPool):
         log.info("  pairs: consistency %.4f rank %.4f | %s", rec.get("train_consistency", float("nan")),
                  rec.get("train_rank", float("nan")), pool.summary())
