@@ -640,6 +640,8 @@ TRIED = (
      "AUROC -0.093 +- 0.029 (every fold worse); dropped"),
     ("the score made from the heads (2 x max, sum, or with the score output; scoring only)", "README.md, Findings",
      "AUROC -0.02 to -0.08; not kept"),
+    ("test-time flip: outputs averaged with the mirrored slices' (scoring only)", "README.md, Findings",
+     "AUROC +0.000 +- 0.011; not kept"),
 )
 
 
