@@ -104,6 +104,32 @@ def test_all_bad_site_flagged_only_through_raw_score():
         S.add_site_scores(df, reference="manifest")
 
 
+def test_site_summary_marks_the_sites_whose_typical_scan_is_at_the_threshold():
+    """The all-bad site D (median ~1.6) gets the site-wide review line that a site rule hides from its scans;
+    site B (median ~0.9) and the small site C (median 0.4 despite its one bad scan) do not; counts, medians
+    and shares computed independently; a failed scan counts as a scan, not as scored."""
+    from artifactqc.report.stage import site_markdown
+
+    df = _cohort()
+    df.loc[0, ["status", "score"]] = ["failed", np.nan]
+    out = S.add_site_scores(df, reference="all", min_reference=20, min_scale=0.05, rule="site")
+    summary = S.site_summary(out, score_threshold=1.0).set_index("site")
+    assert list(summary.index) == ["D", "B", "C", "A"]  # by median score, highest first
+    assert summary["site_review"].to_dict() == {"D": True, "B": False, "C": False, "A": False}
+    a = df[df.site == "A"].score.dropna()
+    assert (summary.loc["A", "scans"], summary.loc["A", "scored"], summary.loc["A", "failed"]) == (30, 29, 1)
+    assert summary.loc["A", "median_score"] == pytest.approx(np.median(a))
+    assert summary.loc["C", "above_threshold"] == pytest.approx(0.2)
+    assert summary.loc["D", "flagged"] == out.flagged[(df.site == "D").to_numpy()].sum() < 3
+    assert summary["basis"].to_dict() == {"D": "site", "B": "site", "C": "pooled", "A": "site"}
+    md = site_markdown(summary.reset_index(), 1.0)
+    assert "**Site-wide review: D.**" in md and md.count("**yes**") == 1
+    assert "| D | 25 | 25 | 0 |" in md and "| A | 30 | 29 | 1 |" in md
+    assert "Site-wide review:" not in site_markdown(S.site_summary(df[df.site != "D"]), 1.0)
+    with pytest.raises(ValueError, match="'score'"):
+        S.site_summary(df.drop(columns="score"))
+
+
 def test_gather_sets_flagged_for_site_rules(tmp_path):
     df = _cohort()
     ref = tmp_path / "reference.tsv"

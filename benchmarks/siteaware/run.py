@@ -163,6 +163,8 @@ def evaluate(df) -> dict:
         "score_site_sites_A_D": auroc(scored.score_site[bad & notE], scored.score_site[~bad & notE]),
         "neg_log_density": auroc(-scored.log_density[bad], -scored.log_density[~bad]),
     }
+    # the report's per-site table (flags: the raw score rule), and which sites it sends to site-wide review
+    res["site_summary"] = S.site_summary(scored, score_threshold=SCORE_THRESHOLD).round(4).to_dict("records")
     res["rows"] = scored[["volume_id", "site", "base", "artifact", "severity", "score", "score_site",
                           "score_site_basis", "density_pct"]].round(4).to_dict("records")
     return res
@@ -189,6 +191,13 @@ def write_md(res: dict, model: str) -> None:
     L += ["", f"AUROC corrupted vs clean: raw score {a['raw_score']:.3f}, score_site {a['score_site']:.3f}; "
           f"sites A-D only: raw {a['raw_score_sites_A_D']:.3f}, score_site {a['score_site_sites_A_D']:.3f}; "
           f"-log density {a['neg_log_density']:.3f}.", ""]
+    if "site_summary" in res:
+        import pandas as pd
+
+        from artifactqc.report.stage import site_markdown
+
+        L += ["## The report's per-site table (`results/report/sites.md`; flagged: rule `score`)", "",
+              site_markdown(pd.DataFrame(res["site_summary"]), SCORE_THRESHOLD)]
     (HERE / "results.md").write_text("\n".join(L) + "\n")
 
 

@@ -112,6 +112,44 @@ def site_scores(
                          "score_site_median": med, "score_site_scale": scale}, index=df.index)
 
 
+def site_summary(cohort, *, score_threshold: float = 1.0, site_col: str = "site", score_col: str = "score"):
+    """One row per site of a cohort table: ``scans``, ``scored`` (status ok with a finite score), ``failed``,
+    ``median_score`` of its scored volumes, ``above_threshold`` (share with ``score >= score_threshold``),
+    ``flagged`` (count, when the table has the column), ``basis`` of its site-aware score (``site`` /
+    ``pooled``, when computed) and ``site_review``: the site's median score is at or above the review
+    threshold.
+
+    ``site_review`` is the site-level view of the raw score. A site whose typical scan scores at the review
+    threshold is either all bad (every scan corrupted) or acquired in a way the encoder reads as an artifact
+    (a noisier protocol, a scanner it never saw). Per-scan flags cannot tell the two apart, and a site-aware
+    rule (``site``) hides both. One site-level line is what a reviewer needs: look at a few of its scans.
+    Sorted by ``median_score``, highest first."""
+    import pandas as pd
+
+    for c in (site_col, score_col):
+        if c not in cohort.columns:
+            raise ValueError(f"site summary needs column {c!r}; the table has {list(cohort.columns)[:12]}")
+    df = cohort.copy()
+    df["_score"] = pd.to_numeric(df[score_col], errors="coerce")
+    df["_ok"] = df["_score"].notna() & np.isfinite(df["_score"])
+    if "status" in df.columns:
+        df["_ok"] &= df["status"].astype(str) == "ok"
+    rows = []
+    for site, g in df.groupby(df[site_col].astype(str), sort=False):
+        sc = g.loc[g["_ok"], "_score"].to_numpy(dtype=np.float64)
+        med = float(np.median(sc)) if sc.size else float("nan")
+        row = {"site": site, "scans": len(g), "scored": int(sc.size), "failed": int(len(g) - sc.size),
+               "median_score": med, "above_threshold": float(np.mean(sc >= score_threshold)) if sc.size else float("nan"),
+               "site_review": bool(sc.size and med >= score_threshold)}
+        if "flagged" in g.columns:
+            row["flagged"] = int(g["flagged"].fillna(False).astype(bool).sum())
+        if "score_site_basis" in g.columns:
+            b = g.loc[g["_ok"], "score_site_basis"].astype(str)
+            row["basis"] = b.mode().iat[0] if len(b) else ""
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("median_score", ascending=False, na_position="last").reset_index(drop=True)
+
+
 def read_reference_ids(path) -> list[str]:
     """The ``volume_id`` column of a reference manifest TSV (``results/flows/<id>/reference.tsv``)."""
     import pandas as pd

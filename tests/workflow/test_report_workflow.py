@@ -82,6 +82,10 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
 
     cohort = pd.read_parquet(tmp_path / "results/scores/cohort.parquet").set_index("volume_id")
     assert cohort.loc["B-9", "status"] == "failed"
+    # the per-site table: one row per site, the failed B-9 counted as a scan, not as scored
+    sites_md = (rep / "sites.md").read_text()
+    n_b = int((cohort.site == "B").sum())
+    assert f"| B | {n_b} | {n_b - 1} | 1 |" in sites_md and sites_md.count("\n| A | ") == 1
 
     # label table: one row per flag + the score + each IQM that could be computed (labels on the sheet:
     # cohort IQMs run), counts from the sheet's ratings
@@ -126,7 +130,7 @@ def test_report_figures_labels_and_report_zip(tmp_path, model_dir):
     with zipfile.ZipFile(tmp_path / "report.zip") as z:
         names = z.namelist()
     for name in ("cohort_overview.png", "latent_plane.png", "thumbnails_A.png", "ruler_T2w_noise.png", "label_roc.png",
-                 "mriqc_comparison.md"):
+                 "mriqc_comparison.md", "sites.md"):
         assert any(n.endswith(name) for n in names), (name, res.stderr[-2000:])
 
 

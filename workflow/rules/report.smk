@@ -1,5 +1,5 @@
-# Report: figures for `snakemake --report` (cohort overview, score distributions, latent plane with the
-# density contours, thumbnails per site, image rulers per contrast) and, when the cohort sheet has a
+# Report: figures for `snakemake --report` (cohort overview, the per-site table, score distributions,
+# latent plane with the density contours, thumbnails per site, image rulers per contrast) and, when the cohort sheet has a
 # `label` column, the evaluation of the flags against those manual ratings.
 
 
@@ -15,6 +15,11 @@ rule report_figures:
         overview=report(
             "results/report/cohort_overview.png",
             caption="../report/cohort_overview.rst",
+            category="1. Cohort",
+        ),
+        sites=report(
+            "results/report/sites.md",
+            caption="../report/sites.rst",
             category="1. Cohort",
         ),
         distributions=report(

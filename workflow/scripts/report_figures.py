@@ -1,11 +1,13 @@
-"""Report figures from the cohort tables, the density flow and the encoder."""
+"""Report figures and the per-site table from the cohort tables, the density flow and the encoder."""
 
 import os
 
 import pandas as pd
 
 from artifactqc import runlog
+from artifactqc.atomic import write_text
 from artifactqc.report import stage
+from artifactqc.sitescore import site_summary
 
 log = runlog.to_file(snakemake.log[0])
 runlog.limit_threads(snakemake.threads)
@@ -33,3 +35,6 @@ paths = stage.make_report_figures(
     planes=snakemake.params.planes,
 )
 log.info("report figures: %s", {k: len(v) for k, v in paths.items()})
+sites = site_summary(pd.read_parquet(snakemake.input.scores), score_threshold=snakemake.params.threshold)
+write_text(snakemake.output.sites, stage.site_markdown(sites, snakemake.params.threshold))
+log.info("per-site table: %d sites, site-wide review: %s", len(sites), sites.loc[sites.site_review, "site"].tolist())

@@ -281,6 +281,33 @@ def evaluate_labels(scores: pd.DataFrame, fail_values: Iterable, pass_values: It
     return table, curves
 
 
+def site_markdown(summary: pd.DataFrame, score_threshold: float) -> str:
+    """The per-site table of the report (:func:`artifactqc.sitescore.site_summary`), with a line per site
+    whose median score is at or above the review threshold."""
+    has_flag, has_basis = "flagged" in summary, "basis" in summary
+    head = ["site", "scans", "scored", "failed", "median score", f"share ≥ {score_threshold:g}"]
+    head += ["flagged"] * has_flag + ["site-aware basis"] * has_basis + ["site-wide review"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for _, r in summary.iterrows():
+        cells = [str(r["site"]), str(r["scans"]), str(r["scored"]), str(r["failed"]),
+                 "" if not np.isfinite(r["median_score"]) else f"{r['median_score']:.2f}",
+                 "" if not np.isfinite(r["above_threshold"]) else f"{r['above_threshold']:.2f}"]
+        cells += ([str(r["flagged"])] if has_flag else []) + ([str(r["basis"])] if has_basis else [])
+        cells.append("**yes**" if r["site_review"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    review = summary.loc[summary["site_review"], "site"].tolist()
+    note = ""
+    if review:
+        one = len(review) == 1
+        note = (f"**Site-wide review: {', '.join(review)}.** The typical scan of {'this site' if one else 'these sites'} "
+                f"scores at or above the review threshold {score_threshold:g}: either the whole delivery is bad or "
+                "the site's protocol or scanner reads as an artifact to the encoder. Per-scan flags cannot tell the "
+                "two apart (and site-aware rules hide both): look at a few "
+                f"{'of its scans' if one else 'scans of each'}.\n\n")
+    return ("Sites, by median score (status ok). `site-wide review` = the site's median score is at or above the "
+            f"review threshold {score_threshold:g}.\n\n" + note + "\n".join(lines) + "\n")
+
+
 def ci_cell(r, name: str) -> str:
     """``0.91 [0.85, 0.96]`` from a row's ``name``, ``name_lo``, ``name_hi`` (no CI when it is NaN; '' for NaN)."""
     v = r[name]
