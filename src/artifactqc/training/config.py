@@ -77,11 +77,6 @@ class TrainConfig:
     Every batch then adds, per enabled kind, ``pair_batch`` × ``batch_size`` planes drawn as pairs of
     ``pair_planes`` planes each (the same planes in both members).
 
-    ``volume_adversary`` > 0 (off by default) trains a classifier of the training volume from the encoder's
-    hidden features and gives the encoder that weight (ramped up over the run) of a confusion loss against it
-    (:mod:`artifactqc.training.adversary`): the encoder learns features that do not tell the training volumes
-    (anatomy, contrast, site) apart.
-
     ``init`` (a model folder, or ``"builtin"`` for the model shipped with the package; ``None``: from scratch)
     fine-tunes: the encoder starts from that model's weights, with its architecture (``encoder`` is then
     ignored) and its slice geometry (``image_size``, ``pixel_mm``); the volume head is fitted anew. The init
@@ -127,7 +122,6 @@ class TrainConfig:
     rank_heads: float = 0.0
     pair_batch: float = 0.25
     pair_planes: int = 4
-    volume_adversary: float = 0.0
     encoder: dict | None = field(default_factory=dict)
     init: str | None = None
 
@@ -145,7 +139,7 @@ class TrainConfig:
             raise ValueError(f"thick_pixel_ratio must be >= 0 (0 = off), got {self.thick_pixel_ratio}")
         if int(self.pair_planes) < 1:
             raise ValueError(f"pair_planes must be at least 1, got {self.pair_planes}")
-        for name in ("consistency", "rank", "rank_margin", "rank_heads", "volume_adversary"):
+        for name in ("consistency", "rank", "rank_margin", "rank_heads"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -171,7 +165,7 @@ class TrainConfig:
                 "thick_augment", "zoom_augment", "synth_augment", "thick_pixel_ratio", "slice_sim_fraction",
                 "slice_group", "bn_recalib_batches", "ema_decay", "volume_head",
                 "weight_decay", "match_ssim", "max_minutes", "render_pairs", "consistency", "rank_pairs", "rank",
-                "rank_margin", "rank_heads", "pair_batch", "pair_planes", "volume_adversary", "init")
+                "rank_margin", "rank_heads", "pair_batch", "pair_planes", "init")
         d = {k: getattr(self, k) for k in keys}
         d["val_severities"] = list(self.val_severities)
         return d

@@ -27,7 +27,6 @@ from ..encoder.network import ArtifactEncoder, EncoderConfig, resolve_device
 from ..encoder.slices import SliceConfig
 from ..io import sha256_file
 from ..progress import Progress, track
-from .adversary import LR_SCALE, VolumeAdversary, ramp
 from .augment import _apply_contrast, _contrast_augment
 from .config import TRAIN_ARTIFACTS, TrainConfig, demo_config
 from .finetune import load_init
@@ -92,8 +91,7 @@ def train_encoder(
     val_items = _validation_set(va_vols, simulate_fn, run)
     pool = _initial_pool(tr_vols, simulate_fn, run)
     model, ema, opt = _build_model(run, init_state)
-    adversary = _build_adversary(model, opt, len(tr_vols), run)
-    history, best, stop_reason = _train_epochs(model, ema, opt, pool, val_items, simulate_slices_fn, run, adversary)
+    history, best, stop_reason = _train_epochs(model, ema, opt, pool, val_items, simulate_slices_fn, run)
     head_metrics = _fit_head(model, pool, val_items, run)
     metrics = {
         "best_epoch": best["epoch"],
@@ -244,16 +242,6 @@ def _build_model(run: _Run, init_state: dict | None = None):
     return model, ema, opt
 
 
-def _build_adversary(model, opt, n_volumes: int, run: _Run):
-    """With ``volume_adversary`` > 0: the training volumes' classifier (:class:`VolumeAdversary`, training
-    only), its parameters added to the optimizer; else None."""
-    if not run.cfg.volume_adversary:
-        return None
-    adversary = VolumeAdversary(model.config.hidden, n_volumes).to(run.dev)
-    opt.add_param_group({"params": list(adversary.parameters()), "lr_scale": LR_SCALE})
-    return adversary
-
-
 class _Schedule:
     """Learning rate: warm-up (first 10 %) then cosine decay to 2 % of ``lr`` over the run's progress: the
     larger of the step fraction and, with a ``deadline`` (``max_minutes`` without a fixed ``pool_refresh``),
@@ -271,7 +259,7 @@ class _Schedule:
         prog = min(prog, 1.0)
         f = min(1.0, (prog + 1.0 / self.total_steps) / 0.1) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * prog)))
         for g in self.opt.param_groups:
-            g["lr"] = self.lr * f * g.get("lr_scale", 1.0)
+            g["lr"] = self.lr * f
         return self.lr * f
 
 
@@ -292,20 +280,15 @@ def _slice_sim_negatives(batch, gen, cfg: TrainConfig, sim2d):
             torch.cat([neg[k:], xn2[k:]]), torch.cat([s2, sev[k:]]), torch.cat([t2[:k].float(), tgt[k:]]))
 
 
-def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, run: _Run, bar: Progress,
-                 adversary=None):
+def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, run: _Run, bar: Progress):
     """``steps_per_epoch`` optimizer steps on triplet batches from the pool (each counted on ``bar``);
-    returns the mean loss parts and the last learning rate. With an ``adversary`` every step adds its
-    cross-entropy and the encoder's confusion loss on the hidden features of the batch's clean and corrupted
-    slices (:mod:`artifactqc.training.adversary`)."""
+    returns the mean loss parts and the last learning rate."""
     cfg, dev, group = run.cfg, run.dev, run.group
     sums: dict[str, float] = {}
     cur_lr = None
     for _ in range(cfg.steps_per_epoch):
         b = max(1, cfg.batch_size // group) * group
-        batch = pool.sample(b, gen, group, volumes=adversary is not None)
-        volume = batch[6] if adversary is not None else None
-        batch = batch[:6]
+        batch = pool.sample(b, gen, group)
         if cfg.slice_sim_fraction > 0:
             batch = _slice_sim_negatives(batch, gen, cfg, sim2d)
         xa, xp, xn, xn2, sev, tgt = batch
@@ -319,11 +302,6 @@ def _train_epoch(model, ema, opt, schedule: _Schedule, pool: _Pool, gen, sim2d, 
             extra, pair_parts = pair_losses(out, 4 * b, blocks, cfg, int(cfg.pair_planes))
             loss = loss + extra
             parts.update(pair_parts)
-        if adversary is not None:
-            weight = ramp(schedule.step / schedule.total_steps, cfg.volume_adversary)
-            adv, adv_parts = adversary.loss(out["hidden"][:4 * b], volume.repeat(4).to(dev), weight)
-            loss = loss + adv
-            parts.update(adv_parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -358,15 +336,12 @@ def _log_epoch(rec: dict, pool: _Pool, epochs: int) -> None:
         rec["val_clean_score_mean"], rec["val_clean_score_sd"], rec["val_score_at_0.5"], sp, rec["train_seconds"],
         rec["sim_seconds"], rec["pool_added"], len(pool.entries), pool.made,
     )
-    if "train_adversary" in rec:
-        log.info("  volume adversary: cross-entropy %.3f, names the volume of %.0f %% of the slices; confusion %.3f",
-                 rec["train_adversary"], 100 * rec["train_adversary_acc"], rec["train_confusion"])
     if isinstance(pool, _PairPool):
         log.info("  pairs: consistency %.4f rank %.4f | %s", rec.get("train_consistency", float("nan")),
                  rec.get("train_rank", float("nan")), pool.summary())
 
 
-def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, run: _Run, adversary=None):
+def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, run: _Run):
     """Epochs of train → validate → refresh the pool → keep the best weights, until ``epochs``, early
     stopping (``patience``) or the time limit; loads the best weights into ``model``. Returns the epoch
     records, the best ``{"val_loss", "epoch"}`` and why it stopped."""
@@ -383,7 +358,7 @@ def _train_epochs(model, ema, opt, pool: _Pool, val_items, simulate_slices_fn, r
     bar = Progress(cfg.epochs * cfg.steps_per_epoch, desc="train", unit="step")
     for epoch in range(1, cfg.epochs + 1):
         t_ep = time.perf_counter()
-        train_metrics, cur_lr = _train_epoch(model, ema, opt, schedule, pool, gen, sim2d, run, bar, adversary)
+        train_metrics, cur_lr = _train_epoch(model, ema, opt, schedule, pool, gen, sim2d, run, bar)
         t_train = time.perf_counter() - t_ep
         net = ema.module if ema is not None else model
         val = evaluate_model(net, pool, val_items, batch_size=cfg.batch_size,

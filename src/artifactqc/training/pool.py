@@ -177,14 +177,13 @@ class _Pool:
         same = [i for i, s in enumerate(sizes) if s == sizes[first]]
         return [first] + [same[k] for k in torch.randint(0, len(same), (n - 1,), generator=gen).tolist()]
 
-    def sample(self, b: int, gen: torch.Generator, group: int = 1, volumes: bool = False):
+    def sample(self, b: int, gen: torch.Generator, group: int = 1):
         """Triplets: anchor = clean slice j of an entry, negative n = the same plane of the corrupted volume,
         positive p / second negative n2 = clean / corrupted slice of another orientation of the same entry
         (same artifact level, different anatomy).
 
         ``group`` > 1: ``b // group`` entries, each giving ``group`` consecutive triplets (distinct planes
-        ``j`` while the entry has enough), for the group-level loss of :func:`encoder_loss`. ``volumes``: one
-        more tensor, each triplet's training volume (its index in :attr:`vols`, for the volume adversary).
+        ``j`` while the entry has enough), for the group-level loss of :func:`encoder_loss`.
         """
         g = max(1, int(group))
         if g == 1:
@@ -217,8 +216,4 @@ class _Pool:
             sev.append(e["severity"])
             tgt.append(e["targets"])
         st = lambda xs: torch.stack(xs).float()  # noqa: E731
-        out = st(xa), st(xp), st(xn), st(xn2), torch.tensor(sev, dtype=torch.float32), torch.stack(tgt)
-        if not volumes:
-            return out
-        index = {v.path: i for i, v in enumerate(self.vols)}
-        return *out, torch.tensor([index[self.entries[e_i]["volume"]] for e_i in ei], dtype=torch.long)
+        return st(xa), st(xp), st(xn), st(xn2), torch.tensor(sev, dtype=torch.float32), torch.stack(tgt)
