@@ -218,7 +218,8 @@ def training_files(data: Path, split: dict, variant: str) -> tuple[list[str], li
     if variant == "raw3d":
         return [str(data / f) for f in split["train"]], [str(data / f) for f in split["val"]]
     if variant == "raw":
-        return [str(data / f) for f in split["train"] + split["excluded_thick_from_training"]], [str(data / f) for f in split["val"]]
+        train = split["train"] + split["excluded_thick_from_training"]
+        return [str(data / f) for f in train], [str(data / f) for f in split["val"]]
     if variant == "sr":
         thick = [str(p) for p in prep_volumes(data, split["excluded_thick_from_training"], with_n4=False)]
         return [str(data / f) for f in split["train"]] + thick, [str(data / f) for f in split["val"]]
@@ -642,6 +643,8 @@ TRIED = (
      "AUROC -0.02 to -0.08; not kept"),
     ("test-time flip: outputs averaged with the mirrored slices' (scoring only)", "README.md, Findings",
      "AUROC +0.000 +- 0.011; not kept"),
+    ("volume-adversarial training: confusion loss against a classifier of the training volume",
+     "results-adv-thickpx1.5-minpx1.md", "no AUROC gain, argmax worse; removed"),
 )
 
 

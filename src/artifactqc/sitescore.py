@@ -139,7 +139,8 @@ def site_summary(cohort, *, score_threshold: float = 1.0, site_col: str = "site"
         sc = g.loc[g["_ok"], "_score"].to_numpy(dtype=np.float64)
         med = float(np.median(sc)) if sc.size else float("nan")
         row = {"site": site, "scans": len(g), "scored": int(sc.size), "failed": int(len(g) - sc.size),
-               "median_score": med, "above_threshold": float(np.mean(sc >= score_threshold)) if sc.size else float("nan"),
+               "median_score": med,
+               "above_threshold": float(np.mean(sc >= score_threshold)) if sc.size else float("nan"),
                "site_review": bool(sc.size and med >= score_threshold)}
         if "flagged" in g.columns:
             row["flagged"] = int(g["flagged"].fillna(False).astype(bool).sum())

@@ -299,8 +299,8 @@ def site_markdown(summary: pd.DataFrame, score_threshold: float) -> str:
     note = ""
     if review:
         one = len(review) == 1
-        note = (f"**Site-wide review: {', '.join(review)}.** The typical scan of {'this site' if one else 'these sites'} "
-                f"scores at or above the review threshold {score_threshold:g}: either the whole delivery is bad or "
+        note = (f"**Site-wide review: {', '.join(review)}.** The typical scan of "
+                f"{'this site' if one else 'these sites'} scores at or above the review threshold {score_threshold:g}: either the whole delivery is bad or "
                 "the site's protocol or scanner reads as an artifact to the encoder. Per-scan flags cannot tell the "
                 "two apart (and site-aware rules hide both): look at a few "
                 f"{'of its scans' if one else 'scans of each'}.\n\n")
