@@ -1,6 +1,6 @@
 # Report: figures for `snakemake --report` (cohort overview, the per-site table, score distributions,
-# latent plane with the density contours, thumbnails per site, image rulers per contrast) and, when the cohort sheet has a
-# `label` column, the evaluation of the flags against those manual ratings.
+# latent plane with the density contours, thumbnails per site, image rulers per contrast) and, when the
+# cohort sheet has a `label` column, the evaluation of the flags against those manual ratings.
 
 
 rule report_figures:

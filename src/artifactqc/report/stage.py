@@ -287,7 +287,8 @@ def site_markdown(summary: pd.DataFrame, score_threshold: float) -> str:
     has_flag, has_basis = "flagged" in summary, "basis" in summary
     head = ["site", "scans", "scored", "failed", "median score", f"share ≥ {score_threshold:g}"]
     head += ["flagged"] * has_flag + ["site-aware basis"] * has_basis + ["site-wide review"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    numeric = 5 + has_flag  # right-aligned: scans ... flagged
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * numeric + "---|" * (len(head) - 1 - numeric)]
     for _, r in summary.iterrows():
         cells = [str(r["site"]), str(r["scans"]), str(r["scored"]), str(r["failed"]),
                  "" if not np.isfinite(r["median_score"]) else f"{r['median_score']:.2f}",
@@ -300,10 +301,10 @@ def site_markdown(summary: pd.DataFrame, score_threshold: float) -> str:
     if review:
         one = len(review) == 1
         note = (f"**Site-wide review: {', '.join(review)}.** The typical scan of "
-                f"{'this site' if one else 'these sites'} scores at or above the review threshold {score_threshold:g}: either the whole delivery is bad or "
-                "the site's protocol or scanner reads as an artifact to the encoder. Per-scan flags cannot tell the "
-                "two apart (and site-aware rules hide both): look at a few "
-                f"{'of its scans' if one else 'scans of each'}.\n\n")
+                f"{'this site' if one else 'these sites'} scores at or above the review threshold "
+                f"{score_threshold:g}: either the whole delivery is bad or the site's protocol or scanner reads as "
+                "an artifact to the encoder. Per-scan flags cannot tell the two apart (and site-aware rules hide "
+                f"both): look at a few {'of its scans' if one else 'scans of each'}.\n\n")
     return ("Sites, by median score (status ok). `site-wide review` = the site's median score is at or above the "
             f"review threshold {score_threshold:g}.\n\n" + note + "\n".join(lines) + "\n")
 
