@@ -644,7 +644,7 @@ TRIED = (
     ("test-time flip: outputs averaged with the mirrored slices' (scoring only)", "README.md, Findings",
      "AUROC +0.000 +- 0.011; not kept"),
     ("volume-adversarial training: confusion loss against a classifier of the training volume",
-     "results-adv-thickpx1.5-minpx1.md", "no AUROC gain, argmax worse; removed"),
+     "results-adv-thickpx1.5-minpx1.md", "AUROC -0.003 +- 0.031, argmax -0.05; removed"),
 )
 
 
