@@ -191,13 +191,12 @@ def write_md(res: dict, model: str) -> None:
     L += ["", f"AUROC corrupted vs clean: raw score {a['raw_score']:.3f}, score_site {a['score_site']:.3f}; "
           f"sites A-D only: raw {a['raw_score_sites_A_D']:.3f}, score_site {a['score_site_sites_A_D']:.3f}; "
           f"-log density {a['neg_log_density']:.3f}.", ""]
-    if "site_summary" in res:
-        import pandas as pd
+    import pandas as pd
 
-        from artifactqc.report.stage import site_markdown
+    from artifactqc.report.stage import site_markdown
 
-        L += ["## The report's per-site table (`results/report/sites.md`; flagged: rule `score`)", "",
-              site_markdown(pd.DataFrame(res["site_summary"]), SCORE_THRESHOLD)]
+    L += ["## The report's per-site table (`results/report/sites.md`; flagged: rule `score`)", "",
+          site_markdown(pd.DataFrame(res["site_summary"]), SCORE_THRESHOLD)]
     (HERE / "results.md").write_text("\n".join(L) + "\n")
 
 

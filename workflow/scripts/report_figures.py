@@ -12,8 +12,9 @@ from artifactqc.sitescore import site_summary
 log = runlog.to_file(snakemake.log[0])
 runlog.limit_threads(snakemake.threads)
 ruler = snakemake.params.ruler
+scores = pd.read_parquet(snakemake.input.scores)
 paths = stage.make_report_figures(
-    pd.read_parquet(snakemake.input.scores),
+    scores,
     pd.read_parquet(snakemake.input.volumes),
     stage.failures_table(
         pd.read_parquet(snakemake.input.ingest_failures), pd.read_parquet(snakemake.input.score_failures)
@@ -35,6 +36,6 @@ paths = stage.make_report_figures(
     planes=snakemake.params.planes,
 )
 log.info("report figures: %s", {k: len(v) for k, v in paths.items()})
-sites = site_summary(pd.read_parquet(snakemake.input.scores), score_threshold=snakemake.params.threshold)
+sites = site_summary(scores, score_threshold=snakemake.params.threshold)
 write_text(snakemake.output.sites, stage.site_markdown(sites, snakemake.params.threshold))
 log.info("per-site table: %d sites, site-wide review: %s", len(sites), sites.loc[sites.site_review, "site"].tolist())
