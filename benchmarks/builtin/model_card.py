@@ -127,12 +127,14 @@ def _figures(results: Path) -> list[str]:
            "Each fold trains an encoder with this recipe on the other sites and evaluates on the held-out sites "
            "(`benchmarks/crosssite/README.md`); the builtin model itself is trained on all of them (with the training "
            "budget above, which may be longer than the folds'), so these are the figures to expect on a site it has "
-           "never seen. The sd is the fold-to-fold spread; the seed sd (run-to-run noise of one fold, measured at the "
-           "`proxy` budget, `benchmarks/crosssite/results_proxy.md`) says which differences are real.", "",
-           "| measure | target | " + " | ".join(folds) + " | mean ± sd |", "|---|---|" + "---|" * len(folds) + "---|"]
+           f"never seen. A fold's value is the mean over its seed runs (seeds {r.get('seeds', {})}); the sd is the "
+           "fold-to-fold spread; the seed sd (run-to-run noise of one fold) says which differences are real.", "",
+           "| measure | target | " + " | ".join(folds) + " | mean ± sd | seed sd |",
+           "|---|---|" + "---|" * len(folds) + "---|---|"]
     for k, ms in r.get("mean_sd", {}).items():
         cells = [_num(r.get("per_fold", {}).get(f, {}).get(k)) for f in folds]
-        out.append(f"| {k} | {TARGETS.get(k, '')} | " + " | ".join(cells) + f" | {_num(ms.get('mean'))} ± {_num(ms.get('sd'))} |")
+        out.append(f"| {k} | {TARGETS.get(k, '')} | " + " | ".join(cells)
+                   + f" | {_num(ms.get('mean'))} ± {_num(ms.get('sd'))} | {_num(ms.get('seed_sd'))} |")
     return out
 
 
