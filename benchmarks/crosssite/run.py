@@ -661,6 +661,10 @@ TRIED = (
      "AUROC +0.000 +- 0.011; not kept"),
     ("volume-adversarial training: confusion loss against a classifier of the training volume",
      "results-adv-thickpx1.5-minpx1.md", "AUROC -0.003 +- 0.031, argmax -0.05; removed"),
+    ("test-time alignment to the new site's clean scans: BatchNorm statistics or the volume head's input "
+     "(scoring only)", "adapt.md", "AUROC -0.02 to -0.05; not kept"),
+    ("fewer training sites or subjects (new-scanner fold, `--drop-sites`)", "results-nootherreal.md, "
+     "results-fewerixi.md", "no change beyond seed noise either way"),
 )
 
 
