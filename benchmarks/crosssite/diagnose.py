@@ -60,11 +60,8 @@ PAIRED = ("auroc_typemean", "auroc_matched", "auroc_unseen", "pearson_typemean",
 
 def _runs(fold: str, budget: str, tag: str, seeds: list[int] | None = None) -> list[Path]:
     """The finished seed-run folders of a fold variant (seed 0 first; only ``seeds`` when given)."""
-    base = R.variant_dir(fold, budget, tag)
-    found = sorted(int(d.name[len(base.name) + 2:]) for d in base.parent.glob(base.name + "-s*")
-                   if d.name[len(base.name) + 2:].isdigit())
-    dirs = {0: base, **{k: base.with_name(f"{base.name}-s{k}") for k in found}}
-    return [d for k, d in dirs.items() if (d / "model" / "model.json").is_file() and (seeds is None or k in seeds)]
+    return [d for k, d in R.seed_dirs(fold, budget, tag).items()
+            if (d / "model" / "model.json").is_file() and (seeds is None or k in seeds)]
 
 
 def _model(run_dir: Path, override: dict | None, optimize: bool = True):

@@ -137,8 +137,13 @@ def inventory(data: Path):
     return m[["file", "contrast", "site", "thick"]].reset_index(drop=True)
 
 
+def site_matches(site: str, pattern: str) -> bool:
+    """Whether a MANIFEST group is ``pattern`` (``X*``: any group starting with X)."""
+    return site == pattern or (pattern.endswith("*") and site.startswith(pattern[:-1]))
+
+
 def held_out(site: str, fold: str) -> bool:
-    return any(site == g or (g.endswith("*") and site.startswith(g[:-1])) for g in FOLDS[fold])
+    return any(site_matches(site, g) for g in FOLDS[fold])
 
 
 def fold_split(data: Path, fold: str) -> dict:
@@ -516,14 +521,22 @@ def variant_dir(fold: str, budget: str, tag: str) -> Path:
     return CACHE / fold / (budget if tag == "baseline" else f"{budget}-{tag}")
 
 
+def seed_dirs(fold: str, budget: str, tag: str) -> dict[int, Path]:
+    """``{seed: folder}`` of a fold variant's seed runs that exist: seed 0 is the variant's folder, seed k its
+    ``-s<k>`` sibling (other variants whose name merely starts with ``-s``, e.g. ``full-synth``, are not)."""
+    base = variant_dir(fold, budget, tag)
+    found = sorted(int(d.name[len(base.name) + 2:]) for d in base.parent.glob(base.name + "-s*")
+                   if d.name[len(base.name) + 2:].isdigit())
+    dirs = {0: base, **{k: base.with_name(f"{base.name}-s{k}") for k in found}}
+    return {k: d for k, d in dirs.items() if d.is_dir()}
+
+
 def drop_training_sites(data: Path, split: dict, sites: list[str]) -> dict:
     """``split`` without the training volumes of ``sites`` (MANIFEST groups; ``X*`` matches a prefix): the
     site-ablation runs (``--drop-sites``) that measure what one more training site is worth."""
     site = inventory(data).set_index("file").site
-    drop = [f for f in split["train"] if any(site[f] == g or (g.endswith("*") and site[f].startswith(g[:-1]))
-                                             for g in sites)]
-    unmatched = [g for g in sites if not any(site[f] == g or (g.endswith("*") and site[f].startswith(g[:-1]))
-                                             for f in split["train"])]
+    drop = [f for f in split["train"] if any(site_matches(site[f], g) for g in sites)]
+    unmatched = [g for g in sites if not any(site_matches(site[f], g) for f in split["train"])]
     if unmatched:
         raise ValueError(f"--drop-sites: no training volume of {unmatched} in this fold")
     return split | {"train": [f for f in split["train"] if f not in drop], "dropped": drop}
@@ -683,11 +696,10 @@ def seed_runs(fold: str, budget: str, tag: str, planes: str = "acquisition", poo
               override: dict | None = None) -> dict[int, dict]:
     """Every finished seed run of a fold variant scored with ``planes`` and ``pooling``: ``{seed: metrics}`` (seed 0 = the
     variant's folder, seed k = its ``-s<k>`` sibling)."""
-    base = variant_dir(fold, budget, tag)
     runs = {}
-    for d in [base, *sorted(base.parent.glob(base.name + "-s*"))]:
+    for d in seed_dirs(fold, budget, tag).values():
         p = d / metrics_name(planes, pooling, override)
-        if p.is_file() and (d == base or d.name[len(base.name) + 2:].isdigit()):
+        if p.is_file():
             m = json.loads(p.read_text())
             runs[int(m.get("seed") or 0)] = m
     return runs
@@ -832,9 +844,7 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
     from artifactqc.encoder.saturation import combined_score
 
     base = variant_dir(fold, args.budget, args.tag)
-    seeds = sorted(int(d.name[len(base.name) + 2:]) for d in base.parent.glob(base.name + "-s*")
-                   if d.name[len(base.name) + 2:].isdigit())
-    members = [d for d in [base, *(base.with_name(f"{base.name}-s{k}") for k in seeds)]
+    members = [d for d in seed_dirs(fold, args.budget, args.tag).values()
                if (d / "model" / "model.json").is_file()][:args.members]
     if len(members) < max(2, args.members or 0):
         sys.exit(f"ensemble of fold {fold}: needs {max(2, args.members or 0)} seed runs under {base}[-s<k>], "
@@ -849,10 +859,11 @@ def cmd_ensemble(args, data: Path, fold: str) -> dict:
         r = dict(per_member[0]) | {k: float(np.mean([m[k] for m in per_member])) for k in learned}
         r["score"] = combined_score(r["score_learned"], r["severity_clipping"])
         rows.append(r)
-    res = fold_metrics(meta, rows) | {"fold": fold, "budget": args.budget, "tag": f"{args.tag}-ensemble", "seed": 0,
+    name = "ensemble" + (str(args.members) if args.members else "")
+    res = fold_metrics(meta, rows) | {"fold": fold, "budget": args.budget, "tag": f"{args.tag}-{name}", "seed": 0,
                                       "planes": args.planes, "pooling": args.pooling, "held_out_sites": fold_split(data, fold)["held_out_sites"],
                                       "members": [d.name for d in members], "train": {"ensemble_of": [d.name for d in members]}}
-    out = base.with_name(base.name + "-ensemble" + (str(args.members) if args.members else ""))
+    out = base.with_name(f"{base.name}-{name}")
     out.mkdir(exist_ok=True)
     (out / metrics_name(args.planes, args.pooling, geometry_override(args))).write_text(json.dumps(res, indent=2))
     log.info("fold %s ensemble of %s: AUROC %.3f, r %.3f", fold, res["members"], res["quality_mean"]["auroc_ss_ge_0.5_vs_clean"],
