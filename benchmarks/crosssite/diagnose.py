@@ -128,7 +128,7 @@ def cmd_offsets(args, data: Path) -> dict:
                                                   "n_volumes": len(vols)}
     (HERE / "offsets.json").write_text(json.dumps(out, indent=2))
     L = ["# Where the held-out error comes from: per-volume offsets", "",
-         f"Models: `{args.budget}` budget, tag `{args.tag}`, every seed run; thick-slice geometry {override or 'the model own'}. "
+         f"Models: `{args.budget}` budget, tag `{args.tag}`, every seed run; thick-slice geometry {override or 'as the model samples'}. "
          "Rows: the type-mean simulated rows of each fold's evaluation volumes and their clean scores (learned score, "
          "no clipping check). Made by `diagnose.py offsets` (see its docstring).", "",
          "| fold | run | R² type × severity | R² + per-volume offset | within-volume Spearman median / mean (curves) |",
@@ -187,7 +187,7 @@ def cmd_bias(data: Path) -> dict:
          f"simulated scale: {BIAS_REFERENCE} corrupted with the simulator's bias (seed 3) at each SS, measured the same way.", "",
          "| simulated SS | " + " | ".join(f"{k:g}" for k in scale) + " |", "|---|" + "---|" * len(scale),
          "| field sd | " + " | ".join(f"{v:.3f}" for v in scale.values()) + " |", "",
-         "| fold | volume | field sd | nearest simulated SS |", "|---|---|---|---|"]
+         "| fold | volume | field sd | simulated SS of the same spread (interpolated) |", "|---|---|---|---|"]
     ss, sd = np.array(list(scale)), np.array(list(scale.values()))
     for f, v in sorted(vols.items(), key=lambda kv: -kv[1]["field_sd"]):
         L.append(f"| {v['fold']} | {f} | {v['field_sd']:.3f} | {float(np.interp(v['field_sd'], sd, ss)):.2f} |")
