@@ -245,8 +245,8 @@ def align_bn(model, site: list[np.ndarray], train_stats: list[tuple] | None):
     import torch
 
     m2 = copy.deepcopy(model)
-    orig = [(b.running_mean.double().clone(), b.running_var.double().clone()) for b in _bns(model)]
-    for i, bn in enumerate(_bns(m2)):
+    orig = [(b.running_mean.double(), b.running_var.double()) for b in _bns(model)]
+    for i, bn in enumerate(_bns(m2)):  # one pass per layer: each layer's input depends on the ones aligned before
         mu_s, var_s = bn_input_stats(m2, site)[i]
         if train_stats is None:
             new_m, new_v = mu_s, var_s
@@ -290,13 +290,16 @@ def adapt_run(data: Path, fold: str, run_dir: Path, mode: str, override: dict | 
     train_stats = bn_input_stats(model, train) if mode == "bn_align" else None
     train_pool = pooled_features(model, train, [[1.0, 1.0, 1.0]] * len(train)) if mode == "vh_shift" else None
     clean = {m["volume"]: i for i, m in enumerate(meta) if m["kind"] == "clean"}
+    # the unaligned model's pooled features of every clean held-out volume, once (vh_shift leaves them as they are)
+    clean_pool = (dict(zip(clean, pooled_features(model, [X[j] for j in clean.values()], [vox[j] for j in clean.values()])))
+                  if mode == "vh_shift" else None)
     rows: list = [None] * len(meta)
     for v in clean:
         others = [j for w, j in clean.items() if w != v]
         if mode == "vh_shift":
             mv = copy.deepcopy(model)
-            site = pooled_features(mv, [X[j] for j in others], [vox[j] for j in others])
-            mv.volume_head.feat_mean += torch.from_numpy(site.mean(0) - train_pool.mean(0)).float()
+            site = np.mean([f for w, f in clean_pool.items() if w != v], axis=0)
+            mv.volume_head.feat_mean += torch.from_numpy(site - train_pool.mean(0)).float()
         else:
             mv = align_bn(model, [_scored_slices(X[j], vox[j]) for j in others], train_stats)
         mv.eval()
